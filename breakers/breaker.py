@@ -1,0 +1,225 @@
+"""A provider's circuit breaker, on aiobreaker's state machine.
+
+aiobreaker 1.2.0 is kept for its states, storage and listeners, but three of its habits
+do not fit a gateway, so this layer takes over the parts that have them:
+
+* it admits every concurrent call while half-open; here exactly one trial is let through
+  (:meth:`ProviderBreaker.try_acquire` hands out one trial :class:`Permit`);
+* it compares ``datetime.utcnow()`` with ``datetime.now()``, so reopen times are wrong
+  outside UTC (and ``utcnow`` is deprecated); here every deadline is on the monotonic
+  clock and the stored ``opened_at`` is an aware UTC datetime;
+* any success resets its failure count, so a health probe must never pass through its
+  ``call`` path; here requests and probes report through separate methods.
+
+Outcomes are reported explicitly (:meth:`record_success`, :meth:`record_failure`,
+:meth:`release`), because a stream is judged by how it ends, not by a function return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+import aiobreaker
+from aiobreaker import CircuitBreakerListener, CircuitBreakerState
+from aiobreaker.storage.memory import CircuitMemoryStorage
+
+
+class State(StrEnum):
+    """Breaker states as reported to operators and metrics."""
+
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+
+_FROM_AIO = {
+    CircuitBreakerState.CLOSED: State.CLOSED,
+    CircuitBreakerState.HALF_OPEN: State.HALF_OPEN,
+    CircuitBreakerState.OPEN: State.OPEN,
+}
+
+
+def state_of(aio_state: object) -> State:
+    """Map an aiobreaker state object (as given to listeners) to :class:`State`."""
+    return _FROM_AIO[aio_state.state]  # type: ignore[attr-defined]
+
+
+class _AioBreaker(aiobreaker.CircuitBreaker):
+    """aiobreaker with an aware, timezone-independent ``opened_at``."""
+
+    def open(self) -> None:
+        """Open the circuit, recording the time in UTC (aiobreaker uses naive utcnow)."""
+        self._state_storage.opened_at = datetime.now(UTC)
+        self.state = self._state_storage.state = CircuitBreakerState.OPEN
+
+
+@dataclass(slots=True)
+class Permit:
+    """Leave to send one request; ``trial`` marks the single half-open probe request."""
+
+    trial: bool
+    done: bool = False
+
+
+class ProviderBreaker:
+    """One provider's breaker: admission, outcome recording and probe feedback.
+
+    ``fail_max`` consecutive failures open it for ``reset_timeout`` seconds; after that
+    one trial request is admitted, whose outcome closes or reopens it. A failure can ask
+    for a longer open period (``open_for``), as quota errors and ``Retry-After`` do.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fail_max: int = 5,
+        reset_timeout: float = 30.0,
+        *,
+        listeners: Iterable[CircuitBreakerListener] = (),
+        trial_timeout: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.reset_timeout = reset_timeout
+        self._clock = clock
+        self._storage = CircuitMemoryStorage(CircuitBreakerState.CLOSED)
+        self._cb = _AioBreaker(
+            fail_max=fail_max,
+            timeout_duration=timedelta(seconds=reset_timeout),
+            listeners=list(listeners),
+            state_storage=self._storage,
+            name=name,
+        )
+        self._open_until = 0.0  # monotonic
+        self._trial_since: float | None = None  # monotonic start of the trial in flight
+        self._trial_timeout = trial_timeout
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def fail_max(self) -> int:
+        """Consecutive failures that open the breaker."""
+        return int(self._cb.fail_max)
+
+    @property
+    def fail_counter(self) -> int:
+        """Consecutive failures recorded so far."""
+        return int(self._storage.counter)
+
+    @property
+    def state(self) -> State:
+        """The current state; an open breaker whose time is up reads as half-open."""
+        state = _FROM_AIO[self._cb.current_state]
+        if state is State.OPEN and self._clock() >= self._open_until:
+            self._cb.half_open()
+            state = State.HALF_OPEN
+        return state
+
+    def retry_in(self) -> float:
+        """Seconds until this breaker may admit a request (0 when it would now)."""
+        state = self.state
+        if state is State.OPEN:
+            return max(0.0, self._open_until - self._clock())
+        if state is State.HALF_OPEN and self._trial_busy():
+            return 1.0  # the trial's outcome is not known yet
+        return 0.0
+
+    @property
+    def opened_at(self) -> datetime | None:
+        """When the breaker last opened (aware, UTC), or None if it never did."""
+        opened = self._storage.opened_at
+        return opened if isinstance(opened, datetime) else None
+
+    def reopen_at(self) -> datetime | None:
+        """Wall-clock time at which an open breaker admits a trial, or None."""
+        if self.state is not State.OPEN:
+            return None
+        return datetime.now(UTC) + timedelta(seconds=self._open_until - self._clock())
+
+    # -- admission -------------------------------------------------------------
+
+    def _trial_busy(self) -> bool:
+        since = self._trial_since
+        return since is not None and self._clock() - since < self._trial_timeout
+
+    def try_acquire(self) -> Permit | None:
+        """A permit to send one request, or None when the breaker refuses it."""
+        state = self.state
+        if state is State.CLOSED:
+            return Permit(trial=False)
+        if state is State.OPEN or self._trial_busy():
+            return None
+        self._trial_since = self._clock()
+        return Permit(trial=True)
+
+    # -- outcomes of requests --------------------------------------------------
+
+    def record_success(self, permit: Permit) -> None:
+        """The request behind ``permit`` succeeded: reset the count, close if trial."""
+        if permit.done:
+            return
+        permit.done = True
+        self._storage.reset_counter()
+        if permit.trial:
+            self._trial_since = None
+        if _FROM_AIO[self._cb.current_state] is not State.CLOSED:
+            self._cb.close()
+        for listener in self._cb.listeners:
+            listener.success(self._cb)
+
+    def record_failure(self, permit: Permit | None, open_for: float | None = None) -> None:
+        """The request failed; ``open_for`` opens the breaker at once for that long."""
+        if permit is not None:
+            if permit.done:
+                return
+            permit.done = True
+            if permit.trial:
+                self._trial_since = None
+        self._storage.increment_counter()
+        for listener in self._cb.listeners:
+            listener.failure(self._cb, None)
+        state = self.state
+        if open_for is not None:
+            self._open(max(open_for, self._open_until - self._clock()))
+        elif state is State.HALF_OPEN or (
+            state is State.CLOSED and self.fail_counter >= self.fail_max
+        ):
+            self._open(self.reset_timeout)
+
+    def release(self, permit: Permit) -> None:
+        """The request ended without a verdict on the provider (client went away, etc.)."""
+        if permit.done:
+            return
+        permit.done = True
+        if permit.trial:
+            self._trial_since = None
+
+    # -- probe feedback --------------------------------------------------------
+
+    def probe_succeeded(self) -> None:
+        """A good probe: an open breaker goes half-open so the next request is the trial.
+
+        It does not reset the failure count: a provider whose model list answers can
+        still fail every completion.
+        """
+        if _FROM_AIO[self._cb.current_state] is State.OPEN:
+            self._open_until = self._clock()
+            self._cb.half_open()
+
+    def probe_failed(self) -> None:
+        """A failed probe counts as one failure; it reopens a half-open breaker."""
+        if self.state is State.HALF_OPEN and self._trial_busy():
+            return  # the trial request in flight will decide
+        self.record_failure(None)
+
+    def _open(self, duration: float) -> None:
+        now = self._clock()
+        self._open_until = now + duration
+        if _FROM_AIO[self._cb.current_state] is not State.OPEN:
+            self._cb.open()
+        else:
+            self._storage.opened_at = datetime.now(UTC)

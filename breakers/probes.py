@@ -1,0 +1,128 @@
+"""Background health probes: ``GET {base}/models`` feeding a breaker and a model list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from breakers.breaker import ProviderBreaker
+
+log = logging.getLogger("breakers.probes")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What one probe saw."""
+
+    at: float  # wall-clock seconds
+    latency: float
+    error: str | None
+    models: frozenset[str] | None  # None when the probe failed
+
+
+class Prober:
+    """Polls one provider's model list every ``interval`` seconds (jittered by +-20%).
+
+    A failed probe is one breaker failure; a good one lets an open breaker go half-open
+    and records which models are loaded. ``on_result`` sees every result (for metrics).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        session: aiohttp.ClientSession,
+        url: str,
+        breaker: ProviderBreaker,
+        *,
+        interval: float = 10.0,
+        timeout: float = 2.0,
+        headers: Mapping[str, str] | None = None,
+        on_result: Callable[[ProbeResult], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.breaker = breaker
+        self.interval = interval
+        self.timeout = timeout
+        self.last: ProbeResult | None = None
+        self.models: frozenset[str] | None = None
+        self._session = session
+        self._headers = dict(headers or {})
+        self._on_result = on_result
+        self._task: asyncio.Task[None] | None = None
+
+    async def probe_once(self) -> ProbeResult:
+        """Probe now, feed the breaker, and return what was seen."""
+        start = time.perf_counter()
+        error: str | None = None
+        models: frozenset[str] | None = None
+        try:
+            async with self._session.get(
+                self.url,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                body = await resp.read()
+            if resp.status != 200:
+                error = f"HTTP {resp.status}"
+            else:
+                models = _model_ids(body)
+                if models is None:
+                    error = "invalid model list"
+        except TimeoutError:
+            error = f"timed out after {self.timeout:g}s"
+        except aiohttp.ClientError as e:
+            error = f"{type(e).__name__}: {e}"
+        except OSError as e:
+            error = f"{type(e).__name__}: {e.strerror or e}"
+        result = ProbeResult(time.time(), time.perf_counter() - start, error, models)
+        self.last = result
+        if error is None:
+            self.models = models
+            self.breaker.probe_succeeded()
+        else:
+            self.breaker.probe_failed()
+        if self._on_result is not None:
+            self._on_result(result)
+        return result
+
+    def start(self) -> None:
+        """Start polling in the background."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"probe-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop polling; no probe is sent after this returns."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.probe_once()
+            except Exception:  # a probe bug must not end probing for good
+                log.exception("probe of %s failed unexpectedly", self.name)
+            await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
+
+
+def _model_ids(body: bytes) -> frozenset[str] | None:
+    """Model ids from an OpenAI-style ``{"data": [{"id": ...}]}`` list."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    data = parsed.get("data") if isinstance(parsed, dict) else None
+    if not isinstance(data, list):
+        return None
+    return frozenset(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible LLM gateway that fails over between providers."""

@@ -1,0 +1,326 @@
+"""Settings: environment variables over an optional TOML file, validated once at start-up.
+
+The seed's environment variables keep their meaning (``OPENAI_API_KEY``,
+``OPENAI_BASE_URL``, ``LMSTUDIO_BASE_URL``, ``LMSTUDIO_MODEL``, ``OLLAMA_BASE_URL``,
+``OLLAMA_MODEL``, ``FAILOVER_ORDER``). Everything else lives in the TOML file named by
+``GATEWAY_CONFIG``; environment variables win over it. A bad value raises
+:class:`ConfigError`, whose message names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+#: Provider names the seed knows, in the default failover order.
+BUILTIN_PROVIDERS = ("openai", "lmstudio", "ollama")
+_DISPLAY_NAMES = {"openai": "OpenAI", "lmstudio": "LM Studio", "ollama": "Ollama"}
+_ENV_PREFIX = {"openai": "OPENAI", "lmstudio": "LMSTUDIO", "ollama": "OLLAMA"}
+_DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "lmstudio": "http://localhost:1234",
+    "ollama": "http://localhost:11434",
+}
+# LM Studio and Ollama serve whatever model is loaded, so they get a fixed upstream name;
+# OpenAI receives the client's model unchanged (None).
+_DEFAULT_MODELS: dict[str, str | None] = {
+    "openai": None,
+    "lmstudio": "local-model",
+    "ollama": "llama3.2",
+}
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One upstream provider: where it is, how to reach it, and how to judge it."""
+
+    name: str
+    display_name: str
+    base_url: str  # always ends in /v1
+    api_key: str | None = field(default=None, repr=False)
+    model: str | None = None  # upstream model; None passes the client's model through
+    dialect: str = "openai"
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    response_timeout: float = 60.0
+    max_connections: int = 1000
+    fail_max: int = 5
+    reset_timeout: float = 30.0
+    quota_reset_timeout: float = 300.0
+    probe_interval: float = 10.0
+    probe_timeout: float = 2.0
+    max_retries: int = 2
+    backoff_base: float = 0.25
+    backoff_max: float = 2.0
+    max_retry_wait: float = 2.0
+    max_concurrency: int = 0  # 0: no limit
+    max_queue: int = 100
+    max_queue_wait: float = 1.0
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway needs to run."""
+
+    providers: tuple[ProviderConfig, ...]  # in failover order, enabled ones only
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    host: str = "0.0.0.0"
+    port: int = 8080
+    request_timeout: float = 120.0
+    max_request_timeout: float = 600.0
+    max_body_bytes: int = 8 * MiB
+    max_event_bytes: int = 1 * MiB
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    def provider(self, name: str) -> ProviderConfig:
+        """Return the enabled provider called ``name``."""
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+# Keys a [defaults] or [providers.NAME] table may set, with their types.
+_PROVIDER_FIELDS = {
+    f.name: f.type for f in dataclasses.fields(ProviderConfig) if f.name not in ("name",)
+}
+_GATEWAY_FIELDS = {
+    "host": "str",
+    "port": "int",
+    "request_timeout": "float",
+    "max_request_timeout": "float",
+    "max_body_bytes": "int",
+    "max_event_bytes": "int",
+    "log_level": "str",
+    "access_log": "bool",
+    "failover_order": "list",
+}
+
+
+def normalize_base_url(url: str, key: str) -> str:
+    """Return ``url`` with a trailing ``/v1`` and no trailing slash."""
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url
+
+
+def _coerce(key: str, kind: str, value: Any) -> Any:
+    """Check and convert one value from TOML or the environment."""
+    if kind in ("float", "int"):
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind == "float" else int(value)
+            except ValueError:
+                raise ConfigError(key, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if kind == "int" and not float(value).is_integer():
+            raise ConfigError(key, f"must be a whole number, got {value!r}")
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, got {value!r}")
+        return float(value) if kind == "float" else int(value)
+    if kind == "bool":
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if kind == "list":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "must be a list of provider names")
+        return value
+    if kind in ("str", "str | None"):
+        if value is None and kind == "str | None":
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise AssertionError(kind)  # a field type this module does not know
+
+
+def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, Any], prefix: str) -> None:
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(f"{prefix}.{k}", "unknown setting")
+
+
+def _provider_values(table: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    extra = {"api_key_env"}
+    _check_keys(table, {**_PROVIDER_FIELDS, **dict.fromkeys(extra)}, prefix)
+    values: dict[str, Any] = {}
+    for k, v in table.items():
+        if k == "api_key_env":
+            values["api_key_env"] = _coerce(f"{prefix}.{k}", "str", v)
+        else:
+            values[k] = _coerce(f"{prefix}.{k}", str(_PROVIDER_FIELDS[k]), v)
+    return values
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read the TOML file at ``path``; a missing or broken file is a ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("GATEWAY_CONFIG", f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("GATEWAY_CONFIG", f"{path} is not valid TOML: {e}") from None
+
+
+def _env_overrides(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    """The seed's per-provider variables, for the built-in providers."""
+    prefix = _ENV_PREFIX.get(name)
+    if prefix is None:
+        return {}
+    out: dict[str, Any] = {}
+    for suffix, key in (("BASE_URL", "base_url"), ("MODEL", "model"), ("API_KEY", "api_key")):
+        var = f"{prefix}_{suffix}"
+        if var in env:
+            out[key] = env[var]
+    return out
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``) and its TOML file."""
+    env = os.environ if env is None else env
+    data = load_toml(env["GATEWAY_CONFIG"]) if env.get("GATEWAY_CONFIG") else {}
+    _check_keys(data, {"gateway": 1, "defaults": 1, "providers": 1, "aliases": 1}, "config")
+
+    gw_table = _table(data, "gateway")
+    _check_keys(gw_table, _GATEWAY_FIELDS, "gateway")
+    gw = {k: _coerce(f"gateway.{k}", _GATEWAY_FIELDS[k], v) for k, v in gw_table.items()}
+    for var, key in (
+        ("GATEWAY_HOST", "host"),
+        ("GATEWAY_PORT", "port"),
+        ("GATEWAY_REQUEST_TIMEOUT", "request_timeout"),
+        ("GATEWAY_MAX_BODY_BYTES", "max_body_bytes"),
+        ("GATEWAY_LOG_LEVEL", "log_level"),
+        ("FAILOVER_ORDER", "failover_order"),
+    ):
+        if env.get(var):
+            gw[key] = _coerce(var, _GATEWAY_FIELDS[key], env[var])
+    order = gw.pop("failover_order", None)
+
+    defaults = _provider_values(_table(data, "defaults"), "defaults")
+    defaults.pop("api_key_env", None)
+    for k in ("base_url", "model", "api_key", "display_name"):
+        if k in defaults:
+            raise ConfigError(f"defaults.{k}", "belongs in a [providers.NAME] table")
+
+    tables = _table(data, "providers")
+    names = list(BUILTIN_PROVIDERS) + [n for n in tables if n not in BUILTIN_PROVIDERS]
+    if order is None:
+        order = names
+    for n in order:
+        if n not in names:
+            known = ", ".join(names)
+            raise ConfigError("FAILOVER_ORDER", f"unknown provider {n!r} (known: {known})")
+    if len(set(order)) != len(order):
+        raise ConfigError("FAILOVER_ORDER", "names a provider twice")
+
+    providers = []
+    for name in order:
+        cfg = _build_provider(name, tables, defaults, env)
+        if cfg is not None:
+            providers.append(cfg)
+    if not providers:
+        raise ConfigError("FAILOVER_ORDER", "no provider is enabled (every base URL is empty)")
+
+    aliases = _table(data, "aliases")
+    for k, v in aliases.items():
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"aliases.{k}", "must be a model name")
+
+    settings = Settings(providers=tuple(providers), aliases=dict(aliases), **gw)
+    if not 0 < settings.port < 65536:
+        raise ConfigError("port", f"must be 1-65535, got {settings.port}")
+    if settings.request_timeout <= 0:
+        raise ConfigError("request_timeout", "must be positive")
+    if settings.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes", "must be at least 1024")
+    return settings
+
+
+def _build_provider(
+    name: str,
+    tables: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    env: Mapping[str, str],
+) -> ProviderConfig | None:
+    """One provider's config, or None when its base URL is empty (disabled)."""
+    prefix = f"providers.{name}"
+    table = tables.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(prefix, "must be a table")
+    values: dict[str, Any] = {
+        "display_name": _DISPLAY_NAMES.get(name, name),
+        "model": _DEFAULT_MODELS.get(name),
+    }
+    if name in _DEFAULT_BASE_URLS:
+        values["base_url"] = _DEFAULT_BASE_URLS[name]
+    values.update(defaults)
+    values.update(_provider_values(table, prefix))
+    key_env = values.pop("api_key_env", None)
+    if key_env and env.get(key_env):
+        values["api_key"] = env[key_env]
+    values.update(_env_overrides(env, name))
+
+    base_key = f"{_ENV_PREFIX[name]}_BASE_URL" if name in _ENV_PREFIX else f"{prefix}.base_url"
+    if "base_url" not in values:
+        raise ConfigError(f"{prefix}.base_url", "is required for an extra provider")
+    if not values["base_url"].strip():
+        return None
+    values["base_url"] = normalize_base_url(values["base_url"], base_key)
+    values["api_key"] = values.get("api_key") or None
+    values["model"] = values.get("model") or None
+    if name == "openai" and values["api_key"] is None and "api.openai.com" in values["base_url"]:
+        # The hosted API rejects every keyless call; better skipped than probed into a 401.
+        return None
+
+    from gateway.providers import DIALECTS  # late: providers import this module
+
+    if values.get("dialect", "openai") not in DIALECTS:
+        raise ConfigError(f"{prefix}.dialect", f"unknown dialect (known: {', '.join(DIALECTS)})")
+    for k in ("connect_timeout", "first_token_timeout", "idle_timeout", "response_timeout"):
+        if values.get(k, 1) <= 0:
+            raise ConfigError(f"{prefix}.{k}", "must be positive")
+    for k in ("fail_max", "max_connections"):
+        if values.get(k, 1) < 1:
+            raise ConfigError(f"{prefix}.{k}", "must be at least 1")
+    if values.get("probe_interval", 1) <= 0:
+        raise ConfigError(f"{prefix}.probe_interval", "must be positive")
+    return ProviderConfig(name=name, **values)

@@ -1,0 +1,251 @@
+"""Outcome classes: every upstream result is classified here, once.
+
+The table in DESIGN.md section 3 is :data:`POLICY`; :func:`classify_response`,
+:func:`classify_error_body` and :func:`classify_exception` map what an upstream did onto
+it. :func:`error_body` builds the OpenAI-style bodies the gateway itself returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+class Outcome(StrEnum):
+    """What happened on one attempt."""
+
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    SERVER_ERROR = "server_error"
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    AUTH_FAILED = "auth_failed"
+    MODEL_MISSING = "model_missing"
+    CONTEXT_TOO_LONG = "context_too_long"
+    CONTENT_REFUSED = "content_refused"
+    CLIENT_ERROR = "client_error"
+    # Not in the upstream's words but ours: a 2xx whose body or stream is not a valid
+    # OpenAI answer (malformed SSE, a stream that ends before its first token).
+    BAD_RESPONSE = "bad_response"
+    CANCELLED = "cancelled"
+    # Skips: no request was sent.
+    BREAKER_OPEN = "breaker_open"
+    PROVIDER_FULL = "provider_full"
+    UNSUPPORTED = "unsupported"
+
+
+class BreakerEffect(Enum):
+    """How an outcome counts for the provider's circuit breaker."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    NEUTRAL = "neutral"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the failover loop does after an outcome."""
+
+    retry_same: bool
+    fail_over: bool
+    breaker: BreakerEffect
+
+
+_F, _S, _N = BreakerEffect.FAILURE, BreakerEffect.SUCCESS, BreakerEffect.NEUTRAL
+POLICY: dict[Outcome, Policy] = {
+    Outcome.OK: Policy(False, False, _S),
+    Outcome.RATE_LIMITED: Policy(True, True, _F),
+    Outcome.QUOTA_EXHAUSTED: Policy(False, True, _F),
+    Outcome.SERVER_ERROR: Policy(True, True, _F),
+    Outcome.UNREACHABLE: Policy(False, True, _F),
+    Outcome.TIMEOUT: Policy(False, True, _F),
+    Outcome.AUTH_FAILED: Policy(False, True, _F),
+    Outcome.MODEL_MISSING: Policy(False, True, _N),
+    Outcome.CONTEXT_TOO_LONG: Policy(False, True, _N),
+    Outcome.CONTENT_REFUSED: Policy(False, False, _N),
+    Outcome.CLIENT_ERROR: Policy(False, False, _S),
+    Outcome.BAD_RESPONSE: Policy(False, True, _F),
+    Outcome.CANCELLED: Policy(False, False, _N),
+    Outcome.BREAKER_OPEN: Policy(False, True, _N),
+    Outcome.PROVIDER_FULL: Policy(False, True, _N),
+    Outcome.UNSUPPORTED: Policy(False, True, _N),
+}
+
+#: Words for log lines: "OpenAI rate limit exceeded, failing over to LM Studio".
+PHRASES = {
+    Outcome.RATE_LIMITED: "rate limit exceeded",
+    Outcome.QUOTA_EXHAUSTED: "quota exhausted",
+    Outcome.SERVER_ERROR: "server error",
+    Outcome.UNREACHABLE: "unreachable",
+    Outcome.TIMEOUT: "timed out",
+    Outcome.AUTH_FAILED: "rejected the gateway's API key",
+    Outcome.MODEL_MISSING: "does not serve the model",
+    Outcome.CONTEXT_TOO_LONG: "context length exceeded",
+    Outcome.BAD_RESPONSE: "sent an invalid response",
+    Outcome.BREAKER_OPEN: "circuit breaker open",
+    Outcome.PROVIDER_FULL: "at its concurrency limit",
+    Outcome.UNSUPPORTED: "does not support this endpoint",
+}
+
+_SERVER_STATUSES = frozenset({500, 502, 503, 504, 529})
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """An outcome with the upstream's own words and its retry hint."""
+
+    outcome: Outcome
+    detail: str
+    status: int | None = None
+    retry_after: float | None = None
+
+
+def _error_fields(body: Any) -> tuple[str, str, str]:
+    """(code, type, message) from an OpenAI error body, lower-cased; '' when absent."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, str):  # some servers send {"error": "message"}
+        return "", "", err.lower()
+    if not isinstance(err, dict):
+        msg = body.get("message") if isinstance(body, dict) else None
+        return "", "", str(msg).lower() if msg else ""
+    return (
+        str(err.get("code") or "").lower(),
+        str(err.get("type") or "").lower(),
+        str(err.get("message") or "").lower(),
+    )
+
+
+def error_message(body: Any) -> str:
+    """The upstream's error message (original case), for details; '' when absent."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("code") or "")[:300]
+    if isinstance(err, str):
+        return err[:300]
+    return ""
+
+
+def classify_error_body(status: int, body: Any, retry_after: float | None = None) -> Classified:
+    """Classify an upstream error from its status and (parsed) OpenAI error body.
+
+    Also used for ``{"error": ...}`` events inside a 200 stream, with ``status`` 200.
+    """
+    code, etype, message = _error_fields(body)
+    words = f"{code} {etype} {message}"
+    detail = f"{status}: {error_message(body)}" if status != 200 else error_message(body)
+    if code == "rate_limit_exceeded":
+        return Classified(Outcome.RATE_LIMITED, detail, status, retry_after)
+    if "quota" in words or "billing" in words or status == 402:
+        return Classified(Outcome.QUOTA_EXHAUSTED, detail, status)
+    if status == 429 or "rate_limit" in words or "rate limit" in words:
+        return Classified(Outcome.RATE_LIMITED, detail, status, retry_after)
+    if status in (401, 403) or code in ("invalid_api_key", "invalid_authentication"):
+        return Classified(Outcome.AUTH_FAILED, detail, status)
+    if "context_length_exceeded" in words or "maximum context length" in words:
+        return Classified(Outcome.CONTEXT_TOO_LONG, detail, status)
+    if "content_policy_violation" in words or "content_filter" in code:
+        return Classified(Outcome.CONTENT_REFUSED, detail, status)
+    if (
+        status == 404
+        or code == "model_not_found"
+        or (
+            "model" in message
+            and any(w in message for w in ("not found", "does not exist", "not loaded"))
+        )
+    ):
+        return Classified(Outcome.MODEL_MISSING, detail, status)
+    if status in _SERVER_STATUSES or status >= 500:
+        return Classified(Outcome.SERVER_ERROR, detail, status, retry_after)
+    if status == 200:  # an error event in a stream without a recognisable code
+        return Classified(Outcome.SERVER_ERROR, detail, status)
+    return Classified(Outcome.CLIENT_ERROR, detail, status)
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``Retry-After``, ``retry-after-ms`` or ``x-ratelimit-reset-*``."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    ra = headers.get("Retry-After")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass  # an HTTP date: rare from LLM APIs, treated as no hint
+    reset = headers.get("x-ratelimit-reset-requests")
+    if reset:
+        return _parse_duration(reset)
+    return None
+
+
+def _parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations: '1s', '6m0s', '20ms', '1h2m3.5s'."""
+    total, num = 0.0, ""
+    i = 0
+    try:
+        while i < len(text):
+            c = text[i]
+            if c.isdigit() or c == ".":
+                num += c
+            elif text.startswith("ms", i):
+                total += float(num) / 1000
+                num, i = "", i + 1
+            else:
+                total += float(num) * {"h": 3600, "m": 60, "s": 1}[c]
+                num = ""
+            i += 1
+        return total + float(num) if num else total
+    except (KeyError, ValueError):
+        return None
+
+
+def classify_response(status: int, body: bytes, headers: Any) -> Classified:
+    """Classify a non-2xx upstream response from its status, headers and raw body."""
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = {"error": {"message": body[:200].decode("utf-8", "replace")}}
+    return classify_error_body(status, parsed, parse_retry_after(headers))
+
+
+def classify_exception(exc: BaseException) -> Classified:
+    """Classify a transport failure (no usable response)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return Classified(Outcome.CANCELLED, "client went away")
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return Classified(Outcome.TIMEOUT, str(exc) or "timed out")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
+        return Classified(Outcome.UNREACHABLE, f"TLS error: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Classified(Outcome.UNREACHABLE, f"cannot connect: {exc.os_error.strerror or exc}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return Classified(Outcome.UNREACHABLE, "server disconnected")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return Classified(Outcome.UNREACHABLE, "connection dropped mid-response")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return Classified(Outcome.BAD_RESPONSE, f"invalid HTTP response: {exc.message}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return Classified(Outcome.UNREACHABLE, f"{type(exc).__name__}: {exc}")
+    raise exc
+
+
+def error_body(
+    message: str,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    """An OpenAI-style error body, encoded."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )

@@ -1,0 +1,99 @@
+"""Every Prometheus metric the gateway exports, defined once.
+
+The Grafana dashboards and alert rules query these names; a test checks that every name
+they use is defined here. Label values come from configuration (provider names,
+configured models and aliases, outcome classes); a model a client invents is ``other``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+REQUESTS = Counter(
+    "gateway_requests_total",
+    "Client requests, by the provider that answered ('none' when none did) and HTTP status",
+    ["model", "provider", "status", "stream"],
+)
+UPSTREAM_ATTEMPTS = Counter(
+    "gateway_upstream_attempts_total",
+    "Attempts on upstream providers, by outcome class (skips included)",
+    ["provider", "outcome"],
+)
+FAILOVERS = Counter(
+    "gateway_failovers_total",
+    "Moves from one provider to the next within a request",
+    ["from_provider", "to_provider", "reason"],
+)
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from receiving a client request to the end of its response",
+    ["model", "provider", "stream"],
+    buckets=_LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "gateway_time_to_first_token_seconds",
+    "Time from receiving a streaming request to sending its first token",
+    ["provider"],
+    buckets=_LATENCY_BUCKETS,
+)
+OVERHEAD = Histogram(
+    "gateway_overhead_seconds",
+    "Time spent in the gateway itself, excluding waits for upstreams, backoff and queues",
+    buckets=_OVERHEAD_BUCKETS,
+)
+BREAKER_STATE = Gauge(
+    "gateway_breaker_state",
+    "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open",
+    ["provider"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "gateway_breaker_transitions_total",
+    "Circuit breaker state changes",
+    ["provider", "from_state", "to_state"],
+)
+PROVIDER_UP = Gauge(
+    "gateway_provider_up",
+    "1 when the provider's last health probe succeeded, else 0",
+    ["provider"],
+)
+PROBE_DURATION = Histogram(
+    "gateway_probe_duration_seconds",
+    "Duration of health probes (GET /v1/models)",
+    ["provider"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+INFLIGHT = Gauge(
+    "gateway_inflight_requests",
+    "Requests currently being sent to or streamed from each provider",
+    ["provider"],
+)
+QUEUE_WAIT = Histogram(
+    "gateway_queue_wait_seconds",
+    "Time requests waited for a provider's concurrency slot",
+    ["provider"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+TOKENS = Counter(
+    "gateway_tokens_total",
+    "Tokens reported by upstream usage blocks",
+    ["provider", "kind"],
+)
+CLIENT_DISCONNECTS = Counter(
+    "gateway_client_disconnects_total",
+    "Client requests abandoned by the client before their response ended",
+)
+DROPPED_EVENTS = Counter(
+    "gateway_stream_events_dropped_total",
+    "Upstream stream events dropped after commit because they were not valid JSON",
+    ["provider"],
+)
+
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def model_label(model: str, known: frozenset[str]) -> str:
+    """``model`` when configuration names it, else ``other`` (keeps label sets bounded)."""
+    return model if model in known else "other"

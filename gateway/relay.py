@@ -1,0 +1,202 @@
+"""Sending upstream answers to the client.
+
+Non-streaming bodies go out as the bytes that came in. A stream is committed at its
+first token (:class:`gateway.failover.StreamStart`): the held events go out, then every
+read from upstream is forwarded in one write, byte for byte. Each event is parsed only
+to check it and to notice ``finish_reason`` and ``usage``. A failure after commit ends
+the stream with one error event and no ``[DONE]``; a truncated answer is never shown as
+complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from gateway import metrics
+from gateway.errors import Classified, Outcome, classify_error_body, classify_exception
+from gateway.failover import Call, Reply, StreamStart
+from gateway.sse import DONE, DONE_EVENT, Event, SSEError, error_event, finish_reason
+
+log = logging.getLogger("gateway")
+
+_PASSED_PREFIXES = ("x-ratelimit-", "openai-")
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def gateway_headers(call: Call) -> dict[str, str]:
+    """The ``x-gateway-*`` and ``x-request-id`` headers for ``call``'s response."""
+    provider = call.answered_by
+    return {
+        "x-gateway-provider": provider.name if provider is not None else "none",
+        "x-gateway-attempts": str(len(call.records)),
+        "x-gateway-failover": "true" if call.failover else "false",
+        "x-request-id": call.request_id,
+    }
+
+
+def _passed_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:
+    """Upstream headers worth keeping; hop-by-hop, length and encoding are dropped
+    (aiohttp has already decompressed the body)."""
+    headers = {"Content-Type": upstream.get("Content-Type", "application/json")}
+    for name, value in upstream.items():
+        if name.lower().startswith(_PASSED_PREFIXES):
+            headers[name] = value
+    return headers
+
+
+def reply_response(call: Call, reply: Reply) -> web.Response:
+    """The client's response for a complete upstream answer, body untouched."""
+    call.answered_by = reply.provider
+    call.status = reply.status
+    call.usage = reply.usage
+    call.result = reply.outcome.value
+    headers = _passed_headers(reply.headers)
+    headers.update(gateway_headers(call))
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
+
+
+@dataclass(slots=True)
+class _Progress:
+    finish: str | None = None
+    done: bool = False
+    usage: dict[str, Any] | None = None
+
+
+def _take(
+    events: list[Event], parts: list[bytes], progress: _Progress, call: Call
+) -> Classified | None:
+    """Queue valid events for the client; an upstream error event is returned."""
+    for event in events:
+        data = event.data
+        if data is None:
+            parts.append(event.raw)  # comments keep idle connections alive downstream too
+            continue
+        if data == DONE:
+            progress.done = True
+            parts.append(event.raw)
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            assert call.answered_by is not None
+            metrics.DROPPED_EVENTS.labels(call.answered_by.name).inc()
+            log.warning("dropped a malformed stream event [%s]", call.request_id)
+            continue
+        if isinstance(obj, dict):
+            if "error" in obj or event.name == "error":
+                return classify_error_body(200, obj)
+            if progress.finish is None:
+                progress.finish = finish_reason(obj)
+            usage = obj.get("usage")
+            if usage:
+                progress.usage = usage
+        parts.append(event.raw)
+    return None
+
+
+async def relay_stream(request: web.Request, call: Call, start: StreamStart) -> web.StreamResponse:
+    """Commit ``start`` to the client and pipe the rest of the upstream stream."""
+    provider = start.provider
+    upstream = start.resp
+    call.answered_by = provider
+    call.status = 200
+    headers = dict(_SSE_HEADERS)
+    headers.update(gateway_headers(call))
+    resp = web.StreamResponse(status=200, headers=headers)
+    progress = _Progress()
+    outcome = Outcome.CANCELLED
+    loop = asyncio.get_running_loop()
+    idle = provider.config.idle_timeout
+    content = upstream.content
+    reading = False
+    try:
+        await resp.prepare(request)
+        call.first_token_at = time.perf_counter()
+        parts = list(start.held)
+        events = start.backlog
+        failure: Classified | None = None
+        try:
+            async with asyncio.timeout(None) as timer:
+                while True:
+                    failure = _take(events, parts, progress, call)
+                    if parts:
+                        await resp.write(b"".join(parts))
+                        parts = []
+                    if failure is not None or progress.done:
+                        break
+                    timer.reschedule(min(loop.time() + idle, call.deadline))
+                    reading = True
+                    t0 = time.perf_counter()
+                    try:
+                        chunk = await content.readany()
+                    except (aiohttp.ClientError, OSError) as e:
+                        chunk = b""
+                        if progress.finish is None:
+                            failure = classify_exception(e)
+                    call.waited += time.perf_counter() - t0
+                    reading = False
+                    if not chunk:
+                        break
+                    try:
+                        events = start.parser.feed(chunk)
+                    except SSEError as e:
+                        failure = Classified(Outcome.BAD_RESPONSE, str(e))
+                        break
+        except TimeoutError:
+            if not reading:
+                raise _ClientGone from None  # the client stopped reading
+            late = loop.time() >= call.deadline
+            detail = "request deadline reached" if late else f"no event for {idle:g}s"
+            failure = Classified(Outcome.TIMEOUT, detail)
+        if failure is None and not progress.done:
+            if progress.finish is not None:
+                await resp.write(DONE_EVENT)  # complete but for the [DONE] line
+            else:
+                failure = Classified(Outcome.BAD_RESPONSE, "stream ended before a finish_reason")
+        if failure is not None:
+            outcome = failure.outcome
+            message = (
+                f"{provider.display_name} stream failed after the first token: {failure.detail}"
+            )
+            log.warning("%s [%s]", message, call.request_id)
+            await resp.write(error_event(message, code="stream_interrupted"))
+            call.result = f"cut:{failure.outcome.value}"
+        else:
+            outcome = Outcome.OK
+            call.result = Outcome.OK.value
+        await resp.write_eof()
+    except (_ClientGone, ConnectionResetError, aiohttp.ClientConnectionResetError):
+        _client_left(call)
+    except asyncio.CancelledError:
+        _client_left(call)
+        raise
+    finally:
+        call.usage = progress.usage
+        start.lease.finish(outcome)
+        if outcome is Outcome.OK:
+            upstream.release()  # back to the pool if the body was read to its end
+        else:
+            upstream.close()
+    return resp
+
+
+class _ClientGone(Exception):
+    """The client stopped reading or went away mid-stream."""
+
+
+def _client_left(call: Call) -> None:
+    call.result = Outcome.CANCELLED.value
+    metrics.CLIENT_DISCONNECTS.inc()

@@ -1,0 +1,371 @@
+"""The aiohttp application: routes, middlewares, start-up and clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from gateway import metrics
+from gateway.config import Settings
+from gateway.errors import error_body
+from gateway.failover import AllFailed, Call, Reply, run
+from gateway.providers import DIALECTS
+from gateway.providers.base import Provider
+from gateway.relay import gateway_headers, relay_stream, reply_response
+from gateway.routing import Router
+
+log = logging.getLogger("gateway")
+
+SETTINGS = web.AppKey("settings", Settings)
+PROVIDERS = web.AppKey("providers", dict[str, Provider])
+ROUTER = web.AppKey("router", Router[Provider])
+KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# What each endpoint's body must carry besides "model".
+_REQUIRED = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+class BadRequest(Exception):
+    """A client error the gateway answers itself, OpenAI-style."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An OpenAI-style error response."""
+    return web.Response(
+        body=error_body(message, type_, code, param),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as OpenAI-style JSON with a request id; no traceback leaks."""
+    request_id = _request_id(request)
+    request["request_id"] = request_id
+    rid = {"x-request-id": request_id}
+    try:
+        resp = await handler(request)
+    except BadRequest as e:
+        return error_response(e.status, e.message, e.type, e.code, e.param, rid)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = "not_found" if e.status == 404 else None
+        message = f"{e.reason}: {request.method} {request.path}"
+        return error_response(e.status, message, "invalid_request_error", code, headers=rid)
+    except Exception:
+        log.exception("unexpected error [%s]", request_id)
+        return error_response(500, "Internal gateway error", "server_error", headers=rid)
+    if "x-request-id" not in resp.headers and not resp.prepared:
+        resp.headers["x-request-id"] = request_id
+    return resp
+
+
+async def _read_body(
+    request: web.Request, endpoint: str, settings: Settings
+) -> tuple[dict[str, Any], bytes]:
+    limit = settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(
+            413, f"Request body is larger than {limit} bytes", code="request_too_large"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(
+            413, f"Request body is larger than {limit} bytes", code="request_too_large"
+        ) from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest(
+            400, "We could not parse the JSON body of your request: it is not valid JSON."
+        ) from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest(400, "You must provide a model parameter (a non-empty string).", "model")
+    required = _REQUIRED[endpoint]
+    value = body.get(required)
+    if value is None:
+        raise BadRequest(400, f"Missing required parameter: '{required}'.", required)
+    if endpoint == "chat/completions" and (not isinstance(value, list) or not value):
+        raise BadRequest(400, "'messages' must be a non-empty array.", "messages")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest(400, "'stream' must be a boolean.", "stream")
+    if stream and endpoint == "embeddings":
+        raise BadRequest(400, "Embeddings cannot be streamed.", "stream")
+    return body, raw
+
+
+def _deadline(request: web.Request, settings: Settings) -> float:
+    timeout = settings.request_timeout
+    given = request.headers.get("x-gateway-timeout")
+    if given is not None:
+        try:
+            timeout = float(given)
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout <= settings.max_request_timeout:
+            most = settings.max_request_timeout
+            raise BadRequest(
+                400,
+                f"x-gateway-timeout must be a number of seconds in (0, {most:g}]",
+                code="invalid_timeout",
+            )
+    return asyncio.get_running_loop().time() + timeout
+
+
+def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        settings = app[SETTINGS]
+        body, raw = await _read_body(request, endpoint, settings)
+        call = Call(
+            endpoint=endpoint,
+            body=body,
+            raw=raw,
+            model=body["model"],
+            stream=bool(body.get("stream")),
+            request_id=request["request_id"],
+            deadline=_deadline(request, settings),
+        )
+        try:
+            return await _answer(request, call)
+        finally:
+            _finish(call, app[KNOWN_MODELS])
+
+    handler.__name__ = f"proxy_{endpoint.replace('/', '_')}"
+    return handler
+
+
+async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
+    routes = request.app[ROUTER].route(call.model)
+    try:
+        answer = await run(call, routes)
+    except AllFailed as e:
+        call.status = e.status
+        call.result = e.code
+        headers = gateway_headers(call)
+        if e.retry_after is not None:
+            headers["Retry-After"] = str(e.retry_after)
+        return error_response(e.status, e.message, e.type, e.code, headers=headers)
+    except asyncio.CancelledError:
+        call.result = "cancelled"
+        metrics.CLIENT_DISCONNECTS.inc()
+        raise
+    if isinstance(answer, Reply):
+        resp = reply_response(call, answer)
+    else:
+        resp = await relay_stream(request, call, answer)
+    if call.failover:
+        assert call.answered_by is not None
+        log.info("Using %s (failover) [%s]", call.answered_by.display_name, call.request_id)
+    return resp
+
+
+def _finish(call: Call, known: frozenset[str]) -> None:
+    """Metrics and the one log line of a finished request."""
+    elapsed = time.perf_counter() - call.started
+    provider = call.answered_by.name if call.answered_by is not None else "none"
+    model = metrics.model_label(call.model, known)
+    stream = "true" if call.stream else "false"
+    status = str(call.status or 499)
+    metrics.REQUESTS.labels(model, provider, status, stream).inc()
+    metrics.REQUEST_DURATION.labels(model, provider, stream).observe(elapsed)
+    metrics.OVERHEAD.observe(max(0.0, elapsed - call.waited))
+    ttft = ""
+    if call.first_token_at is not None:
+        first = call.first_token_at - call.started
+        metrics.TTFT.labels(provider).observe(first)
+        ttft = f"{first * 1000:.1f}"
+    tokens = ""
+    usage = call.usage
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            metrics.TOKENS.labels(provider, "prompt").inc(prompt)
+        if isinstance(completion, int):
+            metrics.TOKENS.labels(provider, "completion").inc(completion)
+        tokens = f"{prompt}/{completion}"
+    chain = ">".join(r.provider.name + ":" + r.outcome.value for r in call.records)
+    log.info(
+        "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "
+        "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s",
+        call.request_id,
+        call.model[:100],
+        stream,
+        provider,
+        status,
+        call.result or "none",
+        len(call.records),
+        chain,
+        elapsed * 1000,
+        ttft or "-",
+        tokens or "-",
+    )
+
+
+async def _models(request: web.Request) -> web.Response:
+    """Aliases plus what the healthy providers serve."""
+    app = request.app
+    data: dict[str, dict[str, Any]] = {}
+    for alias in app[SETTINGS].aliases:
+        data[alias] = {"id": alias, "object": "model", "created": 0, "owned_by": "gateway"}
+    for provider in app[PROVIDERS].values():
+        if not provider.usable():
+            continue
+        pinned = provider.config.model is not None
+        for model in sorted(provider.loaded_models or ()):
+            mid = f"{provider.name}/{model}" if pinned else model
+            data.setdefault(
+                mid, {"id": mid, "object": "model", "created": 0, "owned_by": provider.name}
+            )
+    return json_response({"object": "list", "data": list(data.values())})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+def _provider_report(provider: Provider) -> dict[str, Any]:
+    breaker = provider.breaker
+    prober = provider.prober
+    last = prober.last if prober is not None else None
+    opened = breaker.opened_at
+    reopen = breaker.reopen_at()
+    return {
+        "name": provider.name,
+        "display_name": provider.display_name,
+        "base_url": provider.config.base_url,
+        "model": provider.config.model,
+        "state": breaker.state.value,
+        "consecutive_failures": breaker.fail_counter,
+        "fail_max": breaker.fail_max,
+        "opened_at": opened.isoformat() if opened else None,
+        "reopens_at": reopen.isoformat() if reopen else None,
+        "last_probe": None
+        if last is None
+        else {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last.at)),
+            "latency_ms": round(last.latency * 1000, 2),
+            "error": last.error,
+        },
+        "loaded_models": sorted(provider.loaded_models)
+        if provider.loaded_models is not None
+        else None,
+        "in_flight": provider.inflight,
+        "queued": provider.limiter.queued,
+    }
+
+
+async def _admin_providers(request: web.Request) -> web.Response:
+    providers = request.app[PROVIDERS].values()
+    return json_response({"providers": [_provider_report(p) for p in providers]})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    reasons: dict[str, str] = {}
+    for provider in request.app[PROVIDERS].values():
+        if provider.usable():
+            return json_response({"status": "ready", "provider": provider.name})
+        reasons[provider.name] = (
+            f"circuit breaker open, retry in {provider.breaker.retry_in():.1f}s"
+        )
+    return json_response({"status": "unavailable", "providers": reasons}, status=503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
+    """The gateway application for ``settings``; ``probes=False`` skips health polling."""
+    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+
+    async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+        providers = {
+            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings.max_event_bytes)
+            for cfg in settings.providers
+        }
+        for provider in providers.values():
+            await provider.start(probes=probes)
+        app[PROVIDERS] = providers
+        router = Router(
+            list(providers.values()),
+            {p.name: p.config.model for p in providers.values()},
+            settings.aliases,
+        )
+        app[ROUTER] = router
+        app[KNOWN_MODELS] = router.known_models()
+        try:
+            yield
+        finally:
+            for provider in providers.values():
+                await provider.close()
+
+    app.cleanup_ctx.append(providers_ctx)
+    app.router.add_post("/v1/chat/completions", _proxy("chat/completions"))
+    app.router.add_post("/v1/completions", _proxy("completions"))
+    app.router.add_post("/v1/embeddings", _proxy("embeddings"))
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/admin/providers", _admin_providers)
+    app.router.add_get("/metrics", _metrics)
+    return app

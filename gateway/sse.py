@@ -1,0 +1,145 @@
+"""Incremental server-sent events framing.
+
+Upstream bodies arrive in arbitrary pieces (``resp.content.iter_any()``); the parser
+frames them into events while keeping each event's exact bytes, so that after commit
+the relay can forward what it received without re-encoding. CR, LF and CRLF line ends,
+multi-line ``data:`` fields and ``:`` comments are handled, and an event larger than
+``max_event_bytes`` is an error rather than unbounded buffering.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+DONE = b"[DONE]"
+
+
+class SSEError(ValueError):
+    """The upstream stream is not valid SSE (or an event is too large)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One SSE event: its exact bytes (terminator included) and its parsed fields."""
+
+    raw: bytes
+    data: bytes | None  # None for an event with no data field (a comment, a keep-alive)
+    name: str | None = None
+
+
+class SSEParser:
+    """Feed bytes in, get complete events out."""
+
+    __slots__ = ("_buf", "_data", "_event_start", "_max", "_name", "_scan")
+
+    def __init__(self, max_event_bytes: int = 1 << 20) -> None:
+        self._buf = bytearray()
+        self._max = max_event_bytes
+        self._scan = 0  # where the next line starts in _buf
+        self._event_start = 0
+        self._data: list[bytes] = []
+        self._name: str | None = None
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Add ``chunk`` and return every event it completes."""
+        buf = self._buf
+        buf += chunk
+        events: list[Event] = []
+        pos = self._scan
+        n = len(buf)
+        while pos < n:
+            m = _LINE_END.search(buf, pos)
+            if m is None:
+                break
+            if m.group() == b"\r" and m.end() == n:
+                break  # a CR at the end may be the first half of a CRLF
+            line = bytes(buf[pos : m.start()])
+            pos = m.end()
+            if line:
+                self._field(line)
+                continue
+            raw = bytes(buf[self._event_start : pos])
+            data = b"\n".join(self._data) if self._data else None
+            events.append(Event(raw, data, self._name))
+            self._data = []
+            self._name = None
+            self._event_start = pos
+        # Drop what has been framed so the buffer holds one partial event at most.
+        if self._event_start:
+            del buf[: self._event_start]
+            pos -= self._event_start
+            self._event_start = 0
+        self._scan = pos
+        if len(buf) > self._max:
+            raise SSEError(f"an SSE event exceeds {self._max} bytes")
+        return events
+
+    def _field(self, line: bytes) -> None:
+        if line[0] == 0x3A:  # ':' starts a comment
+            return
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._name = value.decode("utf-8", "replace")
+
+    def pending(self) -> bytes:
+        """Bytes received that do not yet form a complete event."""
+        return bytes(self._buf)
+
+
+def has_output(obj: object) -> bool:
+    """True when a chat or completion chunk carries output the client must see.
+
+    Role-only deltas do not count; content, tool calls, a refusal, completion text or a
+    ``finish_reason`` do.
+    """
+    if not isinstance(obj, dict):
+        return False
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (
+            delta.get("content")
+            or delta.get("tool_calls")
+            or delta.get("refusal")
+            or delta.get("function_call")
+            or delta.get("reasoning_content")
+        ):
+            return True
+    return False
+
+
+def finish_reason(obj: object) -> str | None:
+    """The first ``finish_reason`` set in a chunk, if any."""
+    if isinstance(obj, dict):
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                return str(choice["finish_reason"])
+    return None
+
+
+def encode_data(payload: bytes) -> bytes:
+    """Frame one ``data:`` event."""
+    return b"data: " + payload + b"\n\n"
+
+
+def error_event(message: str, type_: str = "upstream_error", code: str | None = None) -> bytes:
+    """The SSE event that ends a stream that failed after commit."""
+    body = orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+    return encode_data(body)
+
+
+DONE_EVENT = encode_data(DONE)
