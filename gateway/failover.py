@@ -333,9 +333,11 @@ def _judge_body(
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return Classified(Outcome.BAD_RESPONSE, "response body is not JSON", status), None
-    if isinstance(parsed, dict) and "error" in parsed:
+    if not isinstance(parsed, dict):
+        return Classified(Outcome.BAD_RESPONSE, "response body is not a JSON object", status), None
+    if "error" in parsed:
         return classify_error_body(status, parsed), None
-    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    usage = parsed.get("usage")
     reply = Reply(provider, Outcome.OK, status, resp.headers, body, usage)
     return Classified(Outcome.OK, "", status), reply
 

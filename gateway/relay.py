@@ -118,67 +118,18 @@ async def relay_stream(request: web.Request, call: Call, start: StreamStart) -> 
     resp = web.StreamResponse(status=200, headers=headers)
     progress = _Progress()
     outcome = Outcome.CANCELLED
-    loop = asyncio.get_running_loop()
-    idle = provider.config.idle_timeout
-    content = upstream.content
-    reading = False
     try:
         await resp.prepare(request)
         call.first_token_at = time.perf_counter()
-        parts = list(start.held)
-        events = start.backlog
-        failure: Classified | None = None
-        try:
-            async with asyncio.timeout(None) as timer:
-                while True:
-                    failure = _take(events, parts, progress, call)
-                    if parts:
-                        await resp.write(b"".join(parts))
-                        parts = []
-                    if failure is not None or progress.done:
-                        break
-                    timer.reschedule(min(loop.time() + idle, call.deadline))
-                    reading = True
-                    t0 = time.perf_counter()
-                    try:
-                        chunk = await content.readany()
-                    except (aiohttp.ClientError, OSError) as e:
-                        chunk = b""
-                        if progress.finish is None:
-                            failure = classify_exception(e)
-                    call.waited += time.perf_counter() - t0
-                    reading = False
-                    if not chunk:
-                        break
-                    try:
-                        events = start.parser.feed(chunk)
-                    except SSEError as e:
-                        failure = Classified(Outcome.BAD_RESPONSE, str(e))
-                        break
-        except TimeoutError:
-            if not reading:
-                raise _ClientGone from None  # the client stopped reading
-            late = loop.time() >= call.deadline
-            detail = "request deadline reached" if late else f"no event for {idle:g}s"
-            failure = Classified(Outcome.TIMEOUT, detail)
-        if failure is None and not progress.done:
-            if progress.finish is not None:
-                await resp.write(DONE_EVENT)  # complete but for the [DONE] line
-            else:
-                failure = Classified(Outcome.BAD_RESPONSE, "stream ended before a finish_reason")
+        failure = await _pipe(resp, call, start, progress)
         if failure is not None:
             outcome = failure.outcome
-            message = (
-                f"{provider.display_name} stream failed after the first token: {failure.detail}"
-            )
-            log.warning("%s [%s]", message, call.request_id)
-            await resp.write(error_event(message, code="stream_interrupted"))
             call.result = f"cut:{failure.outcome.value}"
         else:
             outcome = Outcome.OK
             call.result = Outcome.OK.value
         await resp.write_eof()
-    except (_ClientGone, ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         _client_left(call)
     except asyncio.CancelledError:
         _client_left(call)
@@ -193,8 +144,58 @@ async def relay_stream(request: web.Request, call: Call, start: StreamStart) -> 
     return resp
 
 
-class _ClientGone(Exception):
-    """The client stopped reading or went away mid-stream."""
+async def _pipe(
+    resp: web.StreamResponse, call: Call, start: StreamStart, progress: _Progress
+) -> Classified | None:
+    """Forward events until the stream ends; the failure that ended it, if any."""
+    provider = start.provider
+    parser = start.parser
+    content = start.resp.content
+    loop = asyncio.get_running_loop()
+    idle = provider.config.idle_timeout
+    parts = list(start.held)
+    events = start.backlog
+    ended: Classified | None = None  # why reading stopped, if it did
+    while True:
+        failure = _take(events, parts, progress, call)
+        if failure is None and ended is not None and not progress.done:
+            if progress.finish is not None:
+                parts.append(DONE_EVENT)  # complete but for the [DONE] line
+            else:
+                failure = ended
+        if failure is not None:
+            message = (
+                f"{provider.display_name} stream failed after the first token: {failure.detail}"
+            )
+            log.warning("%s [%s]", message, call.request_id)
+            parts.append(error_event(message, code="stream_interrupted"))
+        if parts:
+            await resp.write(b"".join(parts))
+            parts = []
+        if failure is not None or progress.done or ended is not None:
+            return failure
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout_at(min(loop.time() + idle, call.deadline)):
+                chunk = await content.readany()
+        except TimeoutError:
+            late = loop.time() >= call.deadline
+            detail = "request deadline reached" if late else f"no event for {idle:g}s"
+            chunk, ended = b"", Classified(Outcome.TIMEOUT, detail)
+        except (aiohttp.ClientError, OSError) as e:
+            chunk, ended = b"", classify_exception(e)
+        call.waited += time.perf_counter() - t0
+        try:
+            if chunk:
+                events = parser.feed(chunk)
+            else:
+                events = parser.finish()
+                ended = ended or Classified(
+                    Outcome.BAD_RESPONSE, "stream ended before a finish_reason"
+                )
+        except SSEError as e:
+            events, ended = [], Classified(Outcome.BAD_RESPONSE, str(e))
+            progress.finish = None  # an unreadable stream is not complete
 
 
 def _client_left(call: Call) -> None:

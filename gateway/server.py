@@ -29,6 +29,7 @@ SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 ROUTER = web.AppKey("router", Router[Provider])
 KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # What each endpoint's body must carry besides "model".
@@ -91,7 +92,7 @@ async def _errors(
 ) -> web.StreamResponse:
     """Every error leaves as OpenAI-style JSON with a request id; no traceback leaks."""
     request_id = _request_id(request)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     rid = {"x-request-id": request_id}
     try:
         resp = await handler(request)
@@ -179,7 +180,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
             raw=raw,
             model=body["model"],
             stream=bool(body.get("stream")),
-            request_id=request["request_id"],
+            request_id=request[REQUEST_ID],
             deadline=_deadline(request, settings),
         )
         try:

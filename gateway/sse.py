@@ -44,7 +44,7 @@ class SSEParser:
         self._data: list[bytes] = []
         self._name: str | None = None
 
-    def feed(self, chunk: bytes) -> list[Event]:
+    def feed(self, chunk: bytes, final: bool = False) -> list[Event]:
         """Add ``chunk`` and return every event it completes."""
         buf = self._buf
         buf += chunk
@@ -55,7 +55,7 @@ class SSEParser:
             m = _LINE_END.search(buf, pos)
             if m is None:
                 break
-            if m.group() == b"\r" and m.end() == n:
+            if m.group() == b"\r" and m.end() == n and not final:
                 break  # a CR at the end may be the first half of a CRLF
             line = bytes(buf[pos : m.start()])
             pos = m.end()
@@ -88,6 +88,10 @@ class SSEParser:
             self._data.append(value)
         elif name == b"event":
             self._name = value.decode("utf-8", "replace")
+
+    def finish(self) -> list[Event]:
+        """At end of stream: complete what a final lone CR was holding back."""
+        return self.feed(b"", final=True) if self._buf.endswith(b"\r") else []
 
     def pending(self) -> bytes:
         """Bytes received that do not yet form a complete event."""

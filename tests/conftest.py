@@ -1,0 +1,108 @@
+"""Fixtures: fake upstreams on loopback and a gateway wired to them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.config import ProviderConfig, Settings
+from gateway.server import create_app
+from tests.fake_upstream import FakeUpstream
+
+NAMES = (
+    ("openai", "OpenAI", None),
+    ("lmstudio", "LM Studio", "local-model"),
+    ("ollama", "Ollama", "llama3.2"),
+)
+PROVIDER_KEY = "sk-provider-secret-key-0123456789"
+
+MakeGateway = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
+    """Factory of started fake upstreams, stopped at the end of the test."""
+    started: list[FakeUpstream] = []
+
+    async def make(name: str = "fake", **kw: Any) -> FakeUpstream:
+        up = FakeUpstream(name, **kw)
+        await up.start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        await up.stop()
+
+
+def provider_configs(*targets: FakeUpstream | str, **overrides: Any) -> tuple[ProviderConfig, ...]:
+    """Providers named openai, lmstudio, ollama (in that order) for ``targets``.
+
+    ``overrides`` apply to every provider; ``overrides["per"]`` maps a provider name to its
+    own overrides.
+    """
+    per = overrides.pop("per", {})
+    configs = []
+    for (name, display, model), target in zip(NAMES, targets, strict=False):
+        url = target if isinstance(target, str) else target.url
+        values: dict[str, Any] = {
+            "first_token_timeout": 5.0,
+            "idle_timeout": 5.0,
+            "response_timeout": 5.0,
+            "backoff_base": 0.01,
+            "backoff_max": 0.05,
+            **overrides,
+            **per.get(name, {}),
+        }
+        configs.append(
+            ProviderConfig(
+                name=name,
+                display_name=display,
+                base_url=url,
+                api_key=PROVIDER_KEY,
+                model=model,
+                **values,
+            )
+        )
+    return tuple(configs)
+
+
+@pytest.fixture
+def gateway(aiohttp_client: Any) -> MakeGateway:
+    """``await gateway(up1, up2, probes=False, aliases=..., **provider_overrides)``."""
+
+    async def make(
+        *targets: FakeUpstream | str,
+        probes: bool = False,
+        aliases: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> TestClient[Any, Any]:
+        cfg = Settings(
+            providers=provider_configs(*targets, **overrides),
+            aliases=aliases or {},
+            **(settings or {}),
+        )
+        app = create_app(cfg, probes=probes)
+        return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+
+    return make
+
+
+def chat(stream: bool = False, model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
+    """A chat completion request body."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "stream": stream,
+        **extra,
+    }
+
+
+@pytest.fixture
+def refused_url(unused_tcp_port_factory: Any) -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    return f"http://127.0.0.1:{unused_tcp_port_factory()}/v1"

@@ -1,0 +1,341 @@
+"""A scriptable fake OpenAI-compatible provider: a real aiohttp server on 127.0.0.1.
+
+Each request takes the next behaviour from ``script`` (or ``default`` when it is empty)
+and answers like the real APIs do: OpenAI error bodies, SSE chunks, ``Retry-After``,
+dropped connections, slow first tokens. The server counts TCP connections and notices
+when the gateway hangs up on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+WORDS = ["Hello", " from", " the", " fake", " upstream", "."]
+
+
+@dataclass
+class Behaviour:
+    """How to answer one request; build them with the helpers below."""
+
+    kind: str = "ok"
+    status: int = 200
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    tokens: int = len(WORDS)  # content chunks to send (streams)
+    delay: float = 0.0  # before the first token
+    role_chunk: bool = True  # send a role-only delta first
+    done: bool = True  # send data: [DONE]
+    finish: bool = True  # send a finish_reason chunk
+    chunk_delay: float = 0.0
+    raw: bytes = b""  # for kind "raw_sse": bytes written after the held events
+
+
+def ok(**kw: Any) -> Behaviour:
+    """A normal answer (streamed when the request asks for a stream)."""
+    return Behaviour("ok", **kw)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> Behaviour:
+    """An error response with OpenAI's body shape."""
+    headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Behaviour("error", status=status, body=body, headers=headers)
+
+
+def rate_limited(retry_after: float | None = None) -> Behaviour:
+    """429 rate_limit_exceeded, as OpenAI sends it."""
+    return openai_error(
+        429,
+        "Rate limit reached for gpt-4o-mini in organization org-test on requests per min "
+        "(RPM): Limit 3, Used 3, Requested 1. Please try again in 20s.",
+        "requests",
+        "rate_limit_exceeded",
+        retry_after=retry_after,
+    )
+
+
+def insufficient_quota() -> Behaviour:
+    """429 insufficient_quota: the account is out of credit."""
+    return openai_error(
+        429,
+        "You exceeded your current quota, please check your plan and billing details.",
+        "insufficient_quota",
+        "insufficient_quota",
+    )
+
+
+def server_error(status: int = 500) -> Behaviour:
+    """A 5xx with OpenAI's server_error body."""
+    return openai_error(
+        status,
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+    )
+
+
+def bad_request(
+    code: str | None = None, message: str = "Invalid value for 'temperature'."
+) -> Behaviour:
+    """A 400 invalid_request_error."""
+    return openai_error(400, message, "invalid_request_error", code, "temperature")
+
+
+def context_too_long() -> Behaviour:
+    """400 context_length_exceeded."""
+    return openai_error(
+        400,
+        "This model's maximum context length is 8192 tokens. However, your messages "
+        "resulted in 9000 tokens. Please reduce the length of the messages.",
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    )
+
+
+def content_refused() -> Behaviour:
+    """400 content_policy_violation."""
+    return openai_error(
+        400,
+        "Your request was rejected as a result of our safety system.",
+        "invalid_request_error",
+        "content_policy_violation",
+    )
+
+
+def stream(**kw: Any) -> Behaviour:
+    """A stream with options (tokens, delay, role_chunk, done, finish, chunk_delay)."""
+    return Behaviour("ok", **kw)
+
+
+def drop_after(tokens: int, role_chunk: bool = True) -> Behaviour:
+    """A 200 stream that loses its connection after ``tokens`` content chunks."""
+    return Behaviour("drop", tokens=tokens, role_chunk=role_chunk)
+
+
+def stall_after(tokens: int) -> Behaviour:
+    """A 200 stream that goes silent after ``tokens`` content chunks."""
+    return Behaviour("stall", tokens=tokens)
+
+
+def silent() -> Behaviour:
+    """Accepts the request and never answers."""
+    return Behaviour("silent")
+
+
+def hang_up() -> Behaviour:
+    """Closes the connection before sending any response byte."""
+    return Behaviour("hang_up")
+
+
+def sse(raw: bytes, role_chunk: bool = True) -> Behaviour:
+    """A 200 stream that sends a role chunk, then ``raw`` verbatim, then ends."""
+    return Behaviour("raw_sse", raw=raw, role_chunk=role_chunk)
+
+
+def chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
+    """One chat.completion.chunk event, as OpenAI frames it."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+        delta["content"] = ""
+    if content is not None:
+        delta["content"] = content
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "system_fingerprint": "fp_fake",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def completion(text: str, model: str) -> dict[str, Any]:
+    """A chat.completion body."""
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+    }
+
+
+class FakeUpstream:
+    """One fake provider. ``async with FakeUpstream("openai") as up: up.url ...``."""
+
+    def __init__(self, name: str = "fake", models: tuple[str, ...] = ("local-model",)) -> None:
+        self.name = name
+        self.models = list(models)
+        self.script: deque[Behaviour] = deque()
+        self.default = ok()
+        self.requests: list[dict[str, Any]] = []  # bodies of chat/completions/embeddings
+        self.headers: list[dict[str, str]] = []
+        self.probes = 0
+        self.connections = 0
+        self.disconnects = 0  # requests the client abandoned before the response ended
+        self.models_status = 200
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self.port = 0
+        self.text = "".join(WORDS)
+
+    @property
+    def url(self) -> str:
+        """Base URL, with /v1."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def then(self, *behaviours: Behaviour) -> FakeUpstream:
+        """Queue behaviours for the next requests."""
+        self.script.extend(behaviours)
+        return self
+
+    async def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1 (on ``port``, or a free one)."""
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        for path in ("chat/completions", "completions", "embeddings"):
+            app.router.add_post(f"/v1/{path}", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+
+        def factory() -> Any:
+            self.connections += 1
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, "127.0.0.1", port or self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and drop open connections (the port then refuses)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.probes += 1
+        if self.models_status != 200:
+            return web.Response(status=self.models_status, body=b'{"error": "down"}')
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": self.name} for m in self.models
+        ]
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+        )
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        b = self.script.popleft() if self.script else self.default
+        try:
+            return await self._answer(request, body, b)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], b: Behaviour
+    ) -> web.StreamResponse:
+        if b.kind == "silent":
+            await asyncio.sleep(3600)
+        if b.kind == "hang_up":
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)
+        if b.kind == "error":
+            return web.Response(
+                status=b.status,
+                body=orjson.dumps(b.body),
+                content_type="application/json",
+                headers=b.headers,
+            )
+        if request.path.endswith("/embeddings"):
+            data = {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            }
+            data["model"] = body["model"]
+            return web.Response(body=orjson.dumps(data), content_type="application/json")
+        if not body.get("stream"):
+            if b.delay:
+                await asyncio.sleep(b.delay)
+            return web.Response(
+                body=orjson.dumps(completion(self.text, body["model"])),
+                content_type="application/json",
+                headers={"x-ratelimit-remaining-requests": "99"},
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if b.role_chunk:
+            await resp.write(chunk(role=True))
+        if b.kind == "raw_sse":
+            await resp.write(b.raw)
+            return resp
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        for i in range(b.tokens):
+            await resp.write(chunk(WORDS[i % len(WORDS)]))
+            if b.chunk_delay:
+                await asyncio.sleep(b.chunk_delay)
+        if b.kind == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)
+        if b.kind == "stall":
+            await asyncio.sleep(3600)
+        if b.finish:
+            await resp.write(chunk(finish="stop"))
+        if b.done:
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+def wait_until(cond: Any, timeout: float = 5.0) -> Any:
+    """Poll ``cond()`` until true (bounded); returns an awaitable."""
+
+    async def _wait() -> None:
+        end = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > end:
+                raise AssertionError("condition not met in time")
+            await asyncio.sleep(0.01)
+
+    return _wait()
