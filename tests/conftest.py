@@ -49,6 +49,7 @@ def provider_configs(*targets: FakeUpstream | str, **overrides: Any) -> tuple[Pr
     for (name, display, model), target in zip(NAMES, targets, strict=False):
         url = target if isinstance(target, str) else target.url
         values: dict[str, Any] = {
+            "model": model,
             "first_token_timeout": 5.0,
             "idle_timeout": 5.0,
             "response_timeout": 5.0,
@@ -63,7 +64,6 @@ def provider_configs(*targets: FakeUpstream | str, **overrides: Any) -> tuple[Pr
                 display_name=display,
                 base_url=url,
                 api_key=PROVIDER_KEY,
-                model=model,
                 **values,
             )
         )
