@@ -210,11 +210,18 @@ class ProviderBreaker:
             self._open_until = self._clock()
             self._cb.half_open()
 
-    def probe_failed(self) -> None:
-        """A failed probe counts as one failure; it reopens a half-open breaker."""
+    def probe_failed(self, unreachable: bool = False) -> None:
+        """A failed probe counts as one failure; it reopens a half-open breaker.
+
+        ``unreachable`` (the connection was refused: the provider is off) opens the
+        breaker at once, so traffic stops within one probe interval.
+        """
         if self.state is State.HALF_OPEN and self._trial_busy():
             return  # the trial request in flight will decide
-        self.record_failure(None)
+        if unreachable and self.state is not State.OPEN:
+            self.record_failure(None, open_for=self.reset_timeout)
+        else:
+            self.record_failure(None)
 
     def _open(self, duration: float) -> None:
         now = self._clock()

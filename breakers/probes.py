@@ -31,8 +31,9 @@ class ProbeResult:
 class Prober:
     """Polls one provider's model list every ``interval`` seconds (jittered by +-20%).
 
-    A failed probe is one breaker failure; a good one lets an open breaker go half-open
-    and records which models are loaded. ``on_result`` sees every result (for metrics).
+    A failed probe is one breaker failure, and a refused connection (the provider is
+    switched off) opens the breaker at once; a good probe lets an open breaker go
+    half-open and records which models are loaded. ``on_result`` sees every result (for metrics).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Prober:
         start = time.perf_counter()
         error: str | None = None
         models: frozenset[str] | None = None
+        refused = False
         try:
             async with self._session.get(
                 self.url,
@@ -79,6 +81,9 @@ class Prober:
                     error = "invalid model list"
         except TimeoutError:
             error = f"timed out after {self.timeout:g}s"
+        except aiohttp.ClientConnectorError as e:
+            error = f"cannot connect: {e.os_error.strerror or e}"
+            refused = True
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}"
         except OSError as e:
@@ -89,7 +94,7 @@ class Prober:
             self.models = models
             self.breaker.probe_succeeded()
         else:
-            self.breaker.probe_failed()
+            self.breaker.probe_failed(unreachable=refused)
         if self._on_result is not None:
             self._on_result(result)
         return result

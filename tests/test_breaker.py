@@ -110,6 +110,8 @@ def test_probe_feedback():
     assert b.state is State.HALF_OPEN
     b.record_success(trial)
     assert b.state is State.CLOSED
+    b.probe_failed(unreachable=True)  # connection refused: switched off, open at once
+    assert b.state is State.OPEN and b.fail_counter == 1
 
 
 def test_transitions_reach_listeners():
