@@ -182,8 +182,9 @@ def parse_retry_after(headers: Any) -> float | None:
             return max(0.0, float(ra))
         except ValueError:
             pass  # an HTTP date: rare from LLM APIs, treated as no hint
+    # OpenAI's reset time counts only when the request budget is what ran out.
     reset = headers.get("x-ratelimit-reset-requests")
-    if reset:
+    if reset and headers.get("x-ratelimit-remaining-requests") == "0":
         return _parse_duration(reset)
     return None
 

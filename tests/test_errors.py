@@ -143,9 +143,13 @@ def test_policy_matches_the_design_table():
 def test_retry_after_forms():
     assert parse_retry_after(CIMultiDict({"Retry-After": "3"})) == 3.0
     assert parse_retry_after(CIMultiDict({"retry-after-ms": "250"})) == 0.25
-    assert parse_retry_after(CIMultiDict({"x-ratelimit-reset-requests": "1m30s"})) == 90.0
-    assert parse_retry_after(CIMultiDict({"x-ratelimit-reset-requests": "20ms"})) == pytest.approx(
-        0.02
-    )
+    spent = {"x-ratelimit-remaining-requests": "0"}
+    assert parse_retry_after(CIMultiDict({"x-ratelimit-reset-requests": "1m30s", **spent})) == 90.0
+    assert parse_retry_after(
+        CIMultiDict({"x-ratelimit-reset-requests": "20ms", **spent})
+    ) == pytest.approx(0.02)
+    # with requests left, the token budget ran out: the request reset time says nothing
+    left = {"x-ratelimit-reset-requests": "6m0s", "x-ratelimit-remaining-requests": "4"}
+    assert parse_retry_after(CIMultiDict(left)) is None
     assert parse_retry_after(CIMultiDict({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
     assert parse_retry_after(CIMultiDict()) is None
