@@ -36,7 +36,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     """Run the gateway until a stop signal arrives."""
     from gateway.demo import start_demo_upstreams
-    from gateway.server import create_app
+    from gateway.server import create_app, drain
 
     env = dict(os.environ)
     if args.config:
@@ -74,8 +74,9 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-    finally:
         log.info("shutting down")
+        await drain(runner, settings.shutdown_grace)
+    finally:
         await runner.cleanup()
         for demo in demo_runners:
             await demo.cleanup()

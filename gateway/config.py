@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.auth import AccessPolicy, digest
+
 #: Provider names the seed knows, in the default failover order.
 BUILTIN_PROVIDERS = ("openai", "lmstudio", "ollama")
 _DISPLAY_NAMES = {"openai": "OpenAI", "lmstudio": "LM Studio", "ollama": "Ollama"}
@@ -88,6 +90,8 @@ class Settings:
     max_event_bytes: int = 1 * MiB
     log_level: str = "INFO"
     access_log: bool = False
+    shutdown_grace: float = 30.0
+    access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
 
     def provider(self, name: str) -> ProviderConfig:
         """Return the enabled provider called ``name``."""
@@ -110,6 +114,9 @@ _GATEWAY_FIELDS = {
     "max_event_bytes": "int",
     "log_level": "str",
     "access_log": "bool",
+    "shutdown_grace": "float",
+    "admin_loopback_only": "bool",
+    "api_keys_file": "str",
     "failover_order": "list",
 }
 
@@ -229,11 +236,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ("GATEWAY_REQUEST_TIMEOUT", "request_timeout"),
         ("GATEWAY_MAX_BODY_BYTES", "max_body_bytes"),
         ("GATEWAY_LOG_LEVEL", "log_level"),
+        ("GATEWAY_SHUTDOWN_GRACE", "shutdown_grace"),
+        ("GATEWAY_ADMIN_LOOPBACK_ONLY", "admin_loopback_only"),
+        ("GATEWAY_API_KEYS_FILE", "api_keys_file"),
         ("FAILOVER_ORDER", "failover_order"),
     ):
         if env.get(var):
             gw[key] = _coerce(var, _GATEWAY_FIELDS[key], env[var])
     order = gw.pop("failover_order", None)
+    gw["access"] = _access_policy(
+        env, gw.pop("api_keys_file", None), gw.pop("admin_loopback_only", False)
+    )
 
     defaults = _provider_values(_table(data, "defaults"), "defaults")
     defaults.pop("api_key_env", None)
@@ -273,6 +286,26 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes", "must be at least 1024")
     return settings
+
+
+def _access_policy(env: Mapping[str, str], keys_file: str | None, loopback: bool) -> AccessPolicy:
+    """Client keys from ``GATEWAY_API_KEYS`` (plain, comma-separated) and a file of SHA-256
+    digests (one per line, ``#`` comments); the admin key from ``GATEWAY_ADMIN_KEY``."""
+    keys = {digest(k.strip()) for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()}
+    if keys_file:
+        try:
+            with open(keys_file, encoding="utf-8") as f:
+                lines = [line.split("#", 1)[0].strip().lower() for line in f]
+        except OSError as e:
+            raise ConfigError("api_keys_file", f"cannot read {keys_file}: {e.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            if not line:
+                continue
+            if len(line) != 64 or any(c not in "0123456789abcdef" for c in line):
+                raise ConfigError("api_keys_file", f"line {n} is not a SHA-256 hex digest")
+            keys.add(line)
+    admin = env.get("GATEWAY_ADMIN_KEY", "").strip()
+    return AccessPolicy(frozenset(keys), digest(admin) if admin else None, loopback)
 
 
 def _build_provider(

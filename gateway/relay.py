@@ -29,6 +29,8 @@ from gateway.sse import DONE, DONE_EVENT, Event, SSEError, error_event, finish_r
 log = logging.getLogger("gateway")
 
 _PASSED_PREFIXES = ("x-ratelimit-", "openai-")
+#: The cancel message with which a graceful shutdown ends requests past their grace.
+SHUTDOWN_REASON = "gateway shutting down"
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -131,9 +133,20 @@ async def relay_stream(request: web.Request, call: Call, start: StreamStart) -> 
         await resp.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         _client_left(call)
-    except asyncio.CancelledError:
-        _client_left(call)
-        raise
+    except asyncio.CancelledError as e:
+        if e.args != (SHUTDOWN_REASON,):
+            _client_left(call)
+            raise
+        # The client is still there: tell it why its stream ends here.
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        call.result = "shutdown"
+        message = "The gateway is shutting down; the answer is incomplete."
+        try:
+            async with asyncio.timeout(1):
+                await resp.write(error_event(message, "server_error", "shutting_down"))
+                await resp.write_eof()
+        except (TimeoutError, ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
     finally:
         call.usage = progress.usage
         start.lease.finish(outcome)

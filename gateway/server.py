@@ -15,12 +15,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics
+from gateway.auth import auth_middleware
 from gateway.config import Settings
 from gateway.errors import error_body
 from gateway.failover import AllFailed, Call, Reply, run
 from gateway.providers import DIALECTS
 from gateway.providers.base import Provider
-from gateway.relay import gateway_headers, relay_stream, reply_response
+from gateway.relay import SHUTDOWN_REASON, gateway_headers, relay_stream, reply_response
 from gateway.routing import Router
 
 log = logging.getLogger("gateway")
@@ -30,6 +31,7 @@ PROVIDERS = web.AppKey("providers", dict[str, Provider])
 ROUTER = web.AppKey("router", Router[Provider])
 KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
 REQUEST_ID = web.RequestKey("request_id", str)
+ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # What each endpoint's body must carry besides "model".
@@ -183,9 +185,13 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
             request_id=request[REQUEST_ID],
             deadline=_deadline(request, settings),
         )
+        task = asyncio.current_task()
+        assert task is not None
+        app[ACTIVE].add(task)
         try:
             return await _answer(request, call)
         finally:
+            app[ACTIVE].discard(task)
             _finish(call, app[KNOWN_MODELS])
 
     handler.__name__ = f"proxy_{endpoint.replace('/', '_')}"
@@ -203,7 +209,14 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
         if e.retry_after is not None:
             headers["Retry-After"] = str(e.retry_after)
         return error_response(e.status, e.message, e.type, e.code, headers=headers)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as e:
+        if e.args == (SHUTDOWN_REASON,):
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            call.status = 503
+            call.result = "shutdown"
+            headers = {**gateway_headers(call), "Retry-After": "1"}
+            message = "The gateway is shutting down; retry the request."
+            return error_response(503, message, "server_error", "shutting_down", headers=headers)
         call.result = "cancelled"
         metrics.CLIENT_DISCONNECTS.inc()
         raise
@@ -227,6 +240,8 @@ def _finish(call: Call, known: frozenset[str]) -> None:
     metrics.REQUESTS.labels(model, provider, status, stream).inc()
     metrics.REQUEST_DURATION.labels(model, provider, stream).observe(elapsed)
     metrics.OVERHEAD.observe(max(0.0, elapsed - call.waited))
+    if call.result.startswith("cut:"):  # set by the relay: failed after commit
+        metrics.STREAM_INTERRUPTIONS.labels(provider, call.result[4:]).inc()
     ttft = ""
     if call.first_token_at is not None:
         first = call.first_token_at - call.started
@@ -336,8 +351,12 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     """The gateway application for ``settings``; ``probes=False`` skips health polling."""
-    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
+    middlewares = [_errors]
+    if settings.access.enabled:
+        middlewares.append(auth_middleware(settings.access))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[ACTIVE] = set()
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         providers = {
@@ -370,3 +389,21 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     app.router.add_get("/admin/providers", _admin_providers)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+async def drain(runner: web.AppRunner, grace: float) -> None:
+    """Graceful stop: refuse new connections, let requests in flight finish for up to
+    ``grace`` seconds, then end the rest (streams get an error event) and clean up."""
+    app = runner.app
+    for site in list(runner.sites):
+        await site.stop()
+    active = app[ACTIVE]
+    if active:
+        log.info("waiting up to %gs for %d request(s) in flight", grace, len(active))
+        await asyncio.wait(list(active), timeout=grace)
+    if active:
+        log.warning("ending %d request(s) still in flight", len(active))
+        for task in list(active):
+            task.cancel(SHUTDOWN_REASON)
+        await asyncio.wait(list(active), timeout=5)
+    await runner.cleanup()

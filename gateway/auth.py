@@ -1,0 +1,91 @@
+"""Access control: gateway API keys for clients, an admin key or loopback for operators.
+
+Keys are kept only as SHA-256 digests, so neither configuration dumps nor memory
+inspection show them, and a presented key is compared by its digest. No key, valid or
+not, is ever logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.errors import error_body
+
+# Liveness and readiness stay open: orchestrators probe them without credentials.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_ADMIN_PREFIXES = ("/metrics", "/admin/")
+
+
+def digest(key: str) -> str:
+    """The SHA-256 hex digest under which a key is stored."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may call what. Empty ``client_keys``: the API is open."""
+
+    client_keys: frozenset[str] = frozenset()  # digests
+    admin_key: str | None = None  # digest
+    admin_loopback_only: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when any check applies."""
+        return bool(self.client_keys) or self.admin_key is not None or self.admin_loopback_only
+
+
+def _bearer(request: web.Request) -> str | None:
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _is_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+def _denied(status: int, message: str, code: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(message, "invalid_request_error", code),
+        content_type="application/json",
+        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+    )
+
+
+def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware enforcing ``policy``; the request never reaches a handler if denied."""
+
+    @web.middleware
+    async def check(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = request.path
+        if path in _OPEN_PATHS:
+            return await handler(request)
+        token = _bearer(request)
+        presented = digest(token) if token else None
+        if path.startswith(_ADMIN_PREFIXES):
+            if policy.admin_loopback_only and not _is_loopback(request):
+                return _denied(403, "This endpoint is served on loopback only.", "forbidden")
+            wanted = {policy.admin_key} if policy.admin_key else policy.client_keys
+        else:
+            wanted = policy.client_keys
+        if wanted and presented not in wanted:
+            if token is None:
+                message = "You didn't provide an API key. Use 'Authorization: Bearer KEY'."
+            else:
+                message = "Incorrect API key provided."
+            return _denied(401, message, "invalid_api_key")
+        return await handler(request)
+
+    return check
