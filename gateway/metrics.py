@@ -85,6 +85,12 @@ CLIENT_DISCONNECTS = Counter(
     "gateway_client_disconnects_total",
     "Client requests abandoned by the client before their response ended",
 )
+STREAM_INTERRUPTIONS = Counter(
+    "gateway_stream_interruptions_total",
+    "Streams that failed after their first token reached the client (too late to fail "
+    "over), by provider and outcome class",
+    ["provider", "reason"],
+)
 DROPPED_EVENTS = Counter(
     "gateway_stream_events_dropped_total",
     "Upstream stream events dropped after commit because they were not valid JSON",
