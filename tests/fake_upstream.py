@@ -35,6 +35,7 @@ class Behaviour:
     finish: bool = True  # send a finish_reason chunk
     chunk_delay: float = 0.0
     raw: bytes = b""  # for kind "raw_sse": bytes written after the held events
+    big: int = 0  # size of one extra content chunk sent first (a huge single event)
 
 
 def ok(**kw: Any) -> Behaviour:
@@ -145,6 +146,11 @@ def hang_up() -> Behaviour:
 def sse(raw: bytes, role_chunk: bool = True) -> Behaviour:
     """A 200 stream that sends a role chunk, then ``raw`` verbatim, then ends."""
     return Behaviour("raw_sse", raw=raw, role_chunk=role_chunk)
+
+
+def wrong_length() -> Behaviour:
+    """A 200 whose Content-Length promises more than is sent before the connection closes."""
+    return Behaviour("wrong_length")
 
 
 def chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
@@ -294,6 +300,14 @@ class FakeUpstream:
             }
             data["model"] = body["model"]
             return web.Response(body=orjson.dumps(data), content_type="application/json")
+        if b.kind == "wrong_length":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 1000
+            await resp.prepare(request)
+            await resp.write(orjson.dumps(completion(self.text, body["model"]))[:100])
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)
         if not body.get("stream"):
             if b.delay:
                 await asyncio.sleep(b.delay)
@@ -311,6 +325,8 @@ class FakeUpstream:
             return resp
         if b.delay:
             await asyncio.sleep(b.delay)
+        if b.big:
+            await resp.write(chunk("x" * b.big))
         for i in range(b.tokens):
             await resp.write(chunk(WORDS[i % len(WORDS)]))
             if b.chunk_delay:
