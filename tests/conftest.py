@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -106,3 +108,17 @@ def chat(stream: bool = False, model: str = "gpt-4o-mini", **extra: Any) -> dict
 def refused_url(unused_tcp_port_factory: Any) -> str:
     """A loopback URL where nothing listens: connections are refused."""
     return f"http://127.0.0.1:{unused_tcp_port_factory()}/v1"
+
+
+async def wait_ready(base: str) -> None:
+    """Poll a gateway process's /healthz until it answers (bounded: about 10 s)."""
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            try:
+                async with s.get(f"{base}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("gateway did not start")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import aiohttp
 import pytest
 
-from tests.conftest import chat
+from tests.conftest import chat, wait_ready
 
 
 @pytest.fixture
@@ -42,19 +41,6 @@ def demo(unused_tcp_port):
         proc.kill()
     proc.wait(timeout=10)
     proc.stdout.close()
-
-
-async def wait_ready(base):
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            try:
-                async with s.get(f"{base}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("gateway did not start")
 
 
 async def test_demo_shows_failover_and_stops_cleanly(demo):

@@ -11,21 +11,8 @@ import sys
 import aiohttp
 
 from tests import fake_upstream as fu
-from tests.conftest import chat
+from tests.conftest import chat, wait_ready
 from tests.test_streaming import read_stream
-
-
-async def wait_ready(base):
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            try:
-                async with s.get(f"{base}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("gateway did not start")
 
 
 async def test_sigterm_drains_streams(upstreams, unused_tcp_port):
