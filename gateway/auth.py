@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway import metrics
 from gateway.errors import error_body
 
 # Liveness and readiness stay open: orchestrators probe them without credentials.
@@ -54,6 +55,7 @@ def _is_loopback(request: web.Request) -> bool:
 
 
 def _denied(status: int, message: str, code: str) -> web.Response:
+    metrics.REQUESTS.labels("other", "none", str(status), "false").inc()
     return web.Response(
         status=status,
         body=error_body(message, "invalid_request_error", code),

@@ -136,10 +136,10 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
     previous: AttemptRecord | None = None
     kept_reply: Reply | None = None  # a context_too_long answer, shown if nothing better
     for route in routes:
-        if previous is not None:
-            _log_failover(call, previous, route.provider)
         if asyncio.get_running_loop().time() >= call.deadline:
             break
+        if previous is not None:
+            _log_failover(call, previous, route.provider)
         result = await _try_provider(call, route)
         if isinstance(result, StreamStart):
             return result

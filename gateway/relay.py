@@ -183,7 +183,11 @@ async def _pipe(
             log.warning("%s [%s]", message, call.request_id)
             parts.append(error_event(message, code="stream_interrupted"))
         if parts:
+            t0 = time.perf_counter()
             await resp.write(b"".join(parts))
+            blocked = time.perf_counter() - t0
+            if blocked > 0.001:  # waited for a slow client to drain: not the gateway's cost
+                call.waited += blocked
             parts = []
         if failure is not None or progress.done or ended is not None:
             return failure

@@ -175,7 +175,12 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
     async def handler(request: web.Request) -> web.StreamResponse:
         app = request.app
         settings = app[SETTINGS]
-        body, raw = await _read_body(request, endpoint, settings)
+        try:
+            body, raw = await _read_body(request, endpoint, settings)
+            deadline = _deadline(request, settings)
+        except BadRequest as e:
+            metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
+            raise
         call = Call(
             endpoint=endpoint,
             body=body,
@@ -183,7 +188,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
             model=body["model"],
             stream=bool(body.get("stream")),
             request_id=request[REQUEST_ID],
-            deadline=_deadline(request, settings),
+            deadline=deadline,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -344,6 +349,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    for provider in request.app[PROVIDERS].values():
+        provider.breaker.state  # noqa: B018 (an open breaker whose time is up turns half-open)
     return web.Response(
         body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
