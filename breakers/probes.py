@@ -26,6 +26,7 @@ class ProbeResult:
     latency: float
     error: str | None
     models: frozenset[str] | None  # None when the probe failed
+    inconclusive: bool = False  # timed out while the provider was busy: not counted
 
 
 class Prober:
@@ -33,7 +34,9 @@ class Prober:
 
     A failed probe is one breaker failure, and a refused connection (the provider is
     switched off) opens the breaker at once; a good probe lets an open breaker go
-    half-open and records which models are loaded. ``on_result`` sees every result (for metrics).
+    half-open and records which models are loaded. A probe that times out while
+    ``busy()`` is true (requests are in flight there) is not counted. ``on_result``
+    sees every result (for metrics).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Prober:
         timeout: float = 2.0,
         headers: Mapping[str, str] | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self.url = url
@@ -58,6 +62,7 @@ class Prober:
         self._session = session
         self._headers = dict(headers or {})
         self._on_result = on_result
+        self._busy = busy
         self._task: asyncio.Task[None] | None = None
 
     async def probe_once(self) -> ProbeResult:
@@ -65,7 +70,7 @@ class Prober:
         start = time.perf_counter()
         error: str | None = None
         models: frozenset[str] | None = None
-        refused = False
+        refused = timed_out = False
         try:
             async with self._session.get(
                 self.url,
@@ -81,6 +86,7 @@ class Prober:
                     error = "invalid model list"
         except TimeoutError:
             error = f"timed out after {self.timeout:g}s"
+            timed_out = True
         except aiohttp.ClientConnectorError as e:
             error = f"cannot connect: {e.os_error.strerror or e}"
             refused = True
@@ -88,12 +94,15 @@ class Prober:
             error = f"{type(e).__name__}: {e}"
         except OSError as e:
             error = f"{type(e).__name__}: {e.strerror or e}"
-        result = ProbeResult(time.time(), time.perf_counter() - start, error, models)
+        # Single-slot servers (llama.cpp) answer the model list only between generations:
+        # a slow probe while our own requests run there says nothing about its health.
+        inconclusive = timed_out and self._busy is not None and self._busy()
+        result = ProbeResult(time.time(), time.perf_counter() - start, error, models, inconclusive)
         self.last = result
         if error is None:
             self.models = models
             self.breaker.probe_succeeded()
-        else:
+        elif not inconclusive:
             self.breaker.probe_failed(unreachable=refused)
         if self._on_result is not None:
             self._on_result(result)

@@ -87,6 +87,8 @@ def _take(
             parts.append(event.raw)  # comments keep idle connections alive downstream too
             continue
         if data == DONE:
+            if progress.finish is None:  # e.g. llama.cpp interrupted: cut, not complete
+                return Classified(Outcome.BAD_RESPONSE, "[DONE] came before any finish_reason")
             progress.done = True
             parts.append(event.raw)
             return None

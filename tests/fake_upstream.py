@@ -205,6 +205,7 @@ class FakeUpstream:
         self.connections = 0
         self.disconnects = 0  # requests the client abandoned before the response ended
         self.models_status = 200
+        self.models_delay = 0.0  # seconds before answering /v1/models
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -257,6 +258,8 @@ class FakeUpstream:
 
     async def _models(self, request: web.Request) -> web.Response:
         self.probes += 1
+        if self.models_delay:
+            await asyncio.sleep(self.models_delay)
         if self.models_status != 200:
             return web.Response(status=self.models_status, body=b'{"error": "down"}')
         data = [

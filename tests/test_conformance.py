@@ -93,6 +93,7 @@ SCENARIOS = [
     Scenario("stream cut after 3 tokens", lambda: fu.drop_after(3), True, PARTIAL, cut_metric("unreachable")),
     Scenario("stream stalls after 3 tokens", lambda: fu.stall_after(3), True, PARTIAL, cut_metric("timeout"), overrides=FAST_TIMEOUTS),
     Scenario("stream ends without `finish_reason`", lambda: fu.stream(finish=False, done=False), True, PARTIAL, cut_metric("bad_response")),
+    Scenario("`[DONE]` before any `finish_reason` (an interrupted server)", lambda: fu.sse(fu.chunk("Hi") + b"data: [DONE]\n\n"), True, PARTIAL, cut_metric("bad_response")),
     Scenario("missing `[DONE]` after `finish_reason`", lambda: fu.stream(done=False), True, COMPLETE, attempts_metric("ok"), breaker="closed"),
     Scenario("malformed chunk after the first token", malformed_after_commit, True, COMPLETE, ("gateway_stream_events_dropped_total", {"provider": "openai"}), breaker="closed"),
     Scenario("a single 600 KB event", lambda: fu.stream(big=600_000), True, COMPLETE, attempts_metric("ok"), breaker="closed"),

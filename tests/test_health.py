@@ -184,3 +184,20 @@ async def test_probes_stop_on_shutdown(aiohttp_server, upstreams):
     after = a.probes
     await asyncio.sleep(0.2)
     assert a.probes == after
+
+
+async def test_slow_probe_while_busy_is_not_a_failure(gateway, upstreams):
+    """A single-slot server answers /models only between generations (llama.cpp)."""
+    a = await upstreams("a")
+    a.default = fu.stream(tokens=50, chunk_delay=0.02)
+    client = await gateway(a, fail_max=1, probe_timeout=0.05)
+    openai = providers(client)["openai"]
+    a.models_delay = 0.3
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True))
+    result = await openai.prober.probe_once()  # times out while our stream runs there
+    await resp.read()
+    assert result.error and result.inconclusive
+    assert openai.breaker.state is State.CLOSED
+    result = await openai.prober.probe_once()  # idle now: a timeout counts
+    assert result.error and not result.inconclusive
+    assert openai.breaker.state is State.OPEN

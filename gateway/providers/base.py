@@ -106,6 +106,7 @@ class Provider:
             timeout=cfg.probe_timeout,
             headers=self.headers,
             on_result=self._on_probe,
+            busy=lambda: self.inflight > 0,
         )
         if probes:
             self.prober.start()
@@ -118,7 +119,8 @@ class Provider:
             await self.session.close()
 
     def _on_probe(self, result: ProbeResult) -> None:
-        metrics.PROVIDER_UP.labels(self.name).set(0 if result.error else 1)
+        if not result.inconclusive:
+            metrics.PROVIDER_UP.labels(self.name).set(0 if result.error else 1)
         metrics.PROBE_DURATION.labels(self.name).observe(result.latency)
 
     @property

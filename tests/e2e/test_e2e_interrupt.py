@@ -1,0 +1,106 @@
+"""llama.cpp's own "dies mid-stream" fault: with ``--interrupt_requests True`` a request
+that arrives while a stream runs cuts that stream off (a bare ``data: [DONE]``, no
+``finish_reason``, no end of the chunked body).
+
+The server's lock is taken by every endpoint, the model list included, so a plain
+``GET /v1/models`` is enough to cut a stream. The gateway's own probes of this server
+would do the same, so they are slowed to one at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+from tests.e2e.conftest import chat_stream, direct_stream, read_events
+
+pytestmark = pytest.mark.real_upstream
+
+QUIET_PROBES = {"lmstudio": {"probe_interval": 3600.0}}
+LONG = {"max_tokens": 400, "extra_body": {"min_tokens": 400}}
+# A prompt long enough that reading it takes the server a while: the window in which the
+# gateway's request holds the model but has produced no token yet.
+SLOW_PROMPT = [
+    {"role": "user", "content": "The sea is wide and deep. " * 12 + "Say one word about it."}
+]
+
+
+def finish_reasons(payloads):
+    found = []
+    for data in payloads:
+        if data != b"[DONE]":
+            found += [c.get("finish_reason") for c in json.loads(data)["choices"]]
+    return [f for f in found if f]
+
+
+async def cut(direct, server):
+    """Cut the stream that ``server`` is generating (returns once the server has)."""
+    async with direct.get(f"{server.base_url}/v1/models") as resp:
+        assert resp.status == 200
+
+
+async def test_cut_before_first_token_fails_over_invisibly(flaky, fallback, real_gateway, direct):
+    gw = await real_gateway(
+        flaky, fallback, providers=QUIET_PROBES, defaults={"first_token_timeout": 20.0}
+    )
+    bad = await gw.attempts("lmstudio", "bad_response")
+    async with gw.sdk() as sdk:
+        # A direct stream keeps the model busy, so the gateway's request will queue.
+        async with direct_stream(direct, flaky, max_tokens=400, min_tokens=400) as hog:
+            events = read_events(hog)
+            await anext(events)
+            request = asyncio.create_task(chat_stream(sdk, max_tokens=16, messages=SLOW_PROMPT))
+            # The gateway's request reaches the server and cuts the hog: now it has the
+            # model and is reading its prompt.
+            rest = [data async for data in events]
+            assert rest[-1] == b"[DONE]"
+            assert not finish_reasons(rest)
+        # A third request cuts the gateway's stream right at its first (role-only) event,
+        # before any token: the gateway fails over and the client never knows.
+        await cut(direct, flaky)
+        headers, text, finish = await request
+    assert headers["x-gateway-provider"] == "ollama"
+    assert headers["x-gateway-failover"] == "true"
+    assert headers["x-gateway-attempts"] == "2"
+    assert text.strip()
+    assert finish in ("stop", "length")
+    assert await gw.attempts("lmstudio", "bad_response") == bad + 1
+
+
+async def test_cut_after_first_token_ends_with_error_event(flaky, fallback, real_gateway, direct):
+    gw = await real_gateway(flaky, fallback, providers=QUIET_PROBES)
+    received: list[str] = []
+    finish = None
+    async with gw.sdk() as sdk:
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model="gemma",
+            messages=[{"role": "user", "content": "Tell a long story about the sea."}],
+            stream=True,
+            temperature=0.0,
+            **LONG,
+        )
+        assert raw.headers["x-gateway-provider"] == "lmstudio"
+        async with raw.parse() as stream:
+            chunks = aiter(stream)
+            while len([t for t in received if t]) < 3:
+                chunk = await anext(chunks)
+                for choice in chunk.choices:
+                    received.append(choice.delta.content or "")
+                    finish = choice.finish_reason or finish
+            await cut(direct, flaky)
+            ended_cleanly = True
+            try:
+                async for chunk in chunks:
+                    for choice in chunk.choices:
+                        received.append(choice.delta.content or "")
+                        finish = choice.finish_reason or finish
+            except openai.APIError as e:
+                ended_cleanly = False
+                assert isinstance(e.body, dict)
+                assert e.body.get("code") == "stream_interrupted"
+    assert "".join(received).strip()  # the partial text reached the client
+    assert finish is None  # the upstream never finished
+    assert not ended_cleanly, "a truncated stream was presented as complete"
