@@ -24,7 +24,8 @@ _ADMIN_PREFIXES = ("/metrics", "/admin/")
 
 def digest(key: str) -> str:
     """The SHA-256 hex digest under which a key is stored."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

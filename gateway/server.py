@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics
@@ -34,6 +34,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# orjson reads up to 1024 levels but writes only 254: a body the gateway may have to
+# re-encode (another model name upstream) must fit the smaller bound.
+_MAX_DEPTH = 254
 # What each endpoint's body must carry besides "model".
 _REQUIRED = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
 
@@ -136,6 +139,13 @@ async def _read_body(
         ) from None
     if not isinstance(body, dict):
         raise BadRequest(400, "The request body must be a JSON object.")
+    if raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH:  # only then can it nest that deep
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise BadRequest(
+                400, f"The request body nests deeper than {_MAX_DEPTH} levels."
+            ) from None
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadRequest(400, "You must provide a model parameter (a non-empty string).", "model")
@@ -279,6 +289,20 @@ def _finish(call: Call, known: frozenset[str]) -> None:
     )
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` as aiohttp does it; any other value gets a clean 417.
+
+    aiohttp runs this before the middlewares, so it answers in the OpenAI shape itself.
+    """
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the status line is not part of the body
+        return None
+    rid = {"x-request-id": _request_id(request)}
+    return error_response(417, "Only 'Expect: 100-continue' is supported.", headers=rid)
+
+
 async def _models(request: web.Request) -> web.Response:
     """Aliases plus what the healthy providers serve."""
     app = request.app
@@ -387,14 +411,16 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
                 await provider.close()
 
     app.cleanup_ctx.append(providers_ctx)
-    app.router.add_post("/v1/chat/completions", _proxy("chat/completions"))
-    app.router.add_post("/v1/completions", _proxy("completions"))
-    app.router.add_post("/v1/embeddings", _proxy("embeddings"))
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/admin/providers", _admin_providers)
-    app.router.add_get("/metrics", _metrics)
+    for endpoint in ("chat/completions", "completions", "embeddings"):
+        app.router.add_post(f"/v1/{endpoint}", _proxy(endpoint), expect_handler=_expect)
+    for path, get in (
+        ("/v1/models", _models),
+        ("/healthz", _healthz),
+        ("/readyz", _readyz),
+        ("/admin/providers", _admin_providers),
+        ("/metrics", _metrics),
+    ):
+        app.router.add_get(path, get, expect_handler=_expect)
     return app
 
 
