@@ -15,6 +15,21 @@ from tests.conftest import chat, wait_ready
 from tests.test_streaming import read_stream
 
 
+async def refuses_new_connections(base):
+    """True once a fresh connection is refused (polled for up to 1 s, while streams run)."""
+    for _ in range(100):
+        try:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+                s.get(f"{base}/healthz"),
+            ):
+                pass
+        except aiohttp.ClientConnectionError:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def test_sigterm_drains_streams(upstreams, unused_tcp_port):
     a = await upstreams("a")
     a.then(fu.stream(tokens=6, chunk_delay=0.1), fu.stream(tokens=200, chunk_delay=0.1))
@@ -42,14 +57,9 @@ async def test_sigterm_drains_streams(upstreams, unused_tcp_port):
             long = await s.post(f"{base}/v1/chat/completions", json=chat(stream=True))
             assert short.status == long.status == 200  # both committed
             proc.send_signal(signal.SIGTERM)
-            (short_data, short_done), (long_data, long_done) = await asyncio.gather(
-                read_stream(short), read_stream(long)
+            (short_data, short_done), (long_data, long_done), refused = await asyncio.gather(
+                read_stream(short), read_stream(long), refuses_new_connections(base)
             )
-            try:
-                async with s.get(f"{base}/healthz"):
-                    refused = False
-            except aiohttp.ClientConnectionError:
-                refused = True
         assert short_done and "error" not in short_data[-1]  # finished within the grace
         assert not long_done
         assert long_data[-1]["error"]["code"] == "shutting_down"
