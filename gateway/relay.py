@@ -163,11 +163,24 @@ async def _pipe(
     resp: web.StreamResponse, call: Call, start: StreamStart, progress: _Progress
 ) -> Classified | None:
     """Forward events until the stream ends; the failure that ended it, if any."""
+    watchdog = _Watchdog(start.provider.config.idle_timeout, call.deadline)
+    try:
+        return await _forward(resp, call, start, progress, watchdog)
+    finally:
+        watchdog.cancel()
+
+
+async def _forward(
+    resp: web.StreamResponse,
+    call: Call,
+    start: StreamStart,
+    progress: _Progress,
+    watchdog: _Watchdog,
+) -> Classified | None:
     provider = start.provider
     parser = start.parser
     content = start.resp.content
     loop = asyncio.get_running_loop()
-    idle = provider.config.idle_timeout
     parts = list(start.held)
     events = start.backlog
     ended: Classified | None = None  # why reading stopped, if it did
@@ -194,15 +207,21 @@ async def _pipe(
         if failure is not None or progress.done or ended is not None:
             return failure
         t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout_at(min(loop.time() + idle, call.deadline)):
+        now = loop.time()
+        if now >= call.deadline:
+            chunk, ended = b"", Classified(Outcome.TIMEOUT, "request deadline reached")
+        else:
+            watchdog.read_since = now
+            try:
                 chunk = await content.readany()
-        except TimeoutError:
-            late = loop.time() >= call.deadline
-            detail = "request deadline reached" if late else f"no event for {idle:g}s"
-            chunk, ended = b"", Classified(Outcome.TIMEOUT, detail)
-        except (aiohttp.ClientError, OSError) as e:
-            chunk, ended = b"", classify_exception(e)
+            except asyncio.CancelledError:
+                if not watchdog.fired:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                chunk, ended = b"", Classified(Outcome.TIMEOUT, watchdog.reason())
+            except (aiohttp.ClientError, OSError) as e:
+                chunk, ended = b"", classify_exception(e)
+            watchdog.read_since = None
         call.waited += time.perf_counter() - t0
         try:
             if chunk:
@@ -215,6 +234,51 @@ async def _pipe(
         except SSEError as e:
             events, ended = [], Classified(Outcome.BAD_RESPONSE, str(e))
             progress.finish = None  # an unreadable stream is not complete
+
+
+class _Watchdog:
+    """Cancels the relay's task when a read waits past ``idle`` seconds or the deadline.
+
+    One timer per idle period instead of an ``asyncio.timeout`` per read (about 5 us
+    each): a read only stamps ``read_since``.
+    """
+
+    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "_task", "fired", "read_since")
+
+    def __init__(self, idle: float, deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._idle = idle
+        self._deadline = deadline
+        self.read_since: float | None = None  # loop time at which the pending read began
+        self.fired = False
+        self._handle = self._loop.call_at(min(self._loop.time() + idle, deadline), self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.read_since
+        if since is None:  # between reads: look again later (a read checks the deadline)
+            when = min(now + self._idle, self._deadline)
+            if when <= now:
+                when = now + self._idle
+        else:
+            when = min(since + self._idle, self._deadline)
+            if now >= when:
+                self.fired = True
+                assert self._task is not None
+                self._task.cancel()
+                return
+        self._handle = self._loop.call_at(when, self._check)
+
+    def reason(self) -> str:
+        """Why it fired."""
+        if self._loop.time() >= self._deadline:
+            return "request deadline reached"
+        return f"no event for {self._idle:g}s"
+
+    def cancel(self) -> None:
+        """Stop watching."""
+        self._handle.cancel()
 
 
 def _client_left(call: Call) -> None:

@@ -51,20 +51,33 @@ class SSEParser:
         events: list[Event] = []
         pos = self._scan
         n = len(buf)
+        has_cr = b"\r" in buf  # almost never: then plain find() is the fast path
         while pos < n:
-            m = _LINE_END.search(buf, pos)
-            if m is None:
-                break
-            if m.group() == b"\r" and m.end() == n and not final:
-                break  # a CR at the end may be the first half of a CRLF
-            line = bytes(buf[pos : m.start()])
-            pos = m.end()
-            if line:
-                self._field(line)
+            if has_cr:
+                m = _LINE_END.search(buf, pos)
+                if m is None:
+                    break
+                start, end = m.span()
+                if end == n and end - start == 1 and buf[start] == 0x0D and not final:
+                    break  # a CR at the end may be the first half of a CRLF
+            else:
+                start = buf.find(b"\n", pos)
+                if start < 0:
+                    break
+                end = start + 1
+            if start > pos:
+                self._field(buf, pos, start)
+                pos = end
                 continue
-            raw = bytes(buf[self._event_start : pos])
-            data = b"\n".join(self._data) if self._data else None
-            events.append(Event(raw, data, self._name))
+            pos = end
+            data = self._data
+            events.append(
+                Event(
+                    bytes(buf[self._event_start : pos]),
+                    (data[0] if len(data) == 1 else b"\n".join(data)) if data else None,
+                    self._name,
+                )
+            )
             self._data = []
             self._name = None
             self._event_start = pos
@@ -78,16 +91,21 @@ class SSEParser:
             raise SSEError(f"an SSE event exceeds {self._max} bytes")
         return events
 
-    def _field(self, line: bytes) -> None:
-        if line[0] == 0x3A:  # ':' starts a comment
+    def _field(self, buf: bytearray, start: int, end: int) -> None:
+        """One non-empty line, ``buf[start:end]``; only ``data`` and ``event`` matter."""
+        if buf.startswith(b"data:", start):
+            value = start + 5
+        elif buf.startswith(b"event:", start):
+            value = start + 6
+            if buf.startswith(b" ", value):
+                value += 1
+            self._name = buf[value:end].decode("utf-8", "replace")
             return
-        name, sep, value = line.partition(b":")
-        if sep and value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            self._data.append(value)
-        elif name == b"event":
-            self._name = value.decode("utf-8", "replace")
+        else:
+            return  # a comment (":"), "id", "retry" or an unknown field
+        if buf.startswith(b" ", value):
+            value += 1
+        self._data.append(bytes(buf[value:end]))
 
     def finish(self) -> list[Event]:
         """At end of stream: complete what a final lone CR was holding back."""

@@ -235,3 +235,17 @@ async def test_client_disconnect_while_waiting_for_first_token(gateway, upstream
     await wait_until(lambda: len(a.requests) == 1)
     task.cancel()
     await wait_until(lambda: a.disconnects == 1)
+
+
+async def test_deadline_ends_a_committed_stream(gateway, upstreams):
+    a = await upstreams("a")
+    a.default = fu.stream(tokens=100, chunk_delay=0.05)  # never idle, but too long
+    client = await gateway(a, idle_timeout=5)
+    resp = await client.post(
+        "/v1/chat/completions", json=chat(stream=True), headers={"x-gateway-timeout": "0.5"}
+    )
+    datas, done = await read_stream(resp)
+    assert not done
+    assert "request deadline reached" in datas[-1]["error"]["message"]
+    assert 0 < len(text_of(datas[:-1]))
+    await wait_until(lambda: a.disconnects == 1)
