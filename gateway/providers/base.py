@@ -73,6 +73,7 @@ class Provider:
         )
         self.limiter = Limiter(config.max_concurrency, config.max_queue)
         self.inflight = 0
+        self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
         metrics.BREAKER_STATE.labels(self.name).set(0)
@@ -161,7 +162,7 @@ class Lease:
         """Record that a limiter slot was taken (freed by :meth:`finish`)."""
         self._slot = True
         self.provider.inflight += 1
-        metrics.INFLIGHT.labels(self.provider.name).inc()
+        self.provider.inflight_gauge.inc()
 
     def judge(self, outcome: Outcome, open_for: float | None = None) -> None:
         """Tell the breaker how the request went, keeping the slot."""
@@ -185,5 +186,5 @@ class Lease:
             self._slot = False
             provider = self.provider
             provider.inflight -= 1
-            metrics.INFLIGHT.labels(provider.name).dec()
+            provider.inflight_gauge.dec()
             provider.limiter.release()
