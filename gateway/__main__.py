@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -59,6 +60,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
+    gc.freeze()  # start-up objects are long-lived: keep them out of every later collection
     chain = ", ".join(f"{p.display_name} ({p.base_url})" for p in settings.providers)
     log.info("gateway listening on http://%s:%d; failover order: %s", host, port, chain)
     if args.demo:
