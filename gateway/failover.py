@@ -149,7 +149,8 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
             kept_reply = result
         previous = call.records[-1]
     if previous is not None:
-        log.warning(
+        log.log(
+            _level(previous),
             "%s %s, no provider left [%s]",
             previous.provider.display_name,
             PHRASES.get(previous.outcome, previous.outcome.value),
@@ -163,7 +164,8 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
 
 def _log_failover(call: Call, previous: AttemptRecord, to: Provider) -> None:
     phrase = PHRASES.get(previous.outcome, previous.outcome.value)
-    log.warning(
+    log.log(
+        _level(previous),
         "%s %s, failing over to %s [%s]",
         previous.provider.display_name,
         phrase,
@@ -171,6 +173,12 @@ def _log_failover(call: Call, previous: AttemptRecord, to: Provider) -> None:
         call.request_id,
     )
     metrics.FAILOVERS.labels(previous.provider.name, to.name, previous.outcome.value).inc()
+
+
+def _level(record: AttemptRecord) -> int:
+    """A failure is a warning; a skip (an open breaker, a model not loaded) repeats for
+    every request while it lasts, and the request line's chain already shows it."""
+    return logging.DEBUG if record.outcome in _SKIPS else logging.WARNING
 
 
 def _record(call: Call, provider: Provider, cls: Classified, wait: float = 0.0) -> None:
