@@ -559,3 +559,42 @@ async def direct_stream(
     async with session.post(f"{server.base_url}/v1/chat/completions", json=payload) as resp:
         assert resp.status == 200, await resp.text()
         yield resp
+
+
+#: A generation that outlasts a test, so a fault always lands mid-stream.
+LONG = {"max_tokens": 400, "extra_body": {"min_tokens": 400}}
+
+
+async def stream_with_fault(
+    sdk: openai.AsyncOpenAI, fault: Callable[[], Awaitable[None]]
+) -> tuple[list[str], str | None, openai.APIError | None]:
+    """A long stream through the gateway; ``fault`` runs once 3 tokens have arrived.
+
+    Returns the text pieces received, the last ``finish_reason`` seen, and the error the
+    SDK raised when the stream ended with an error event (None if it ended cleanly).
+    """
+    received: list[str] = []
+    finish = None
+    error = None
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="gemma",
+        messages=[{"role": "user", "content": "Tell a long story about the sea."}],
+        stream=True,
+        temperature=0.0,
+        **LONG,
+    )
+    assert raw.headers["x-gateway-provider"] == "lmstudio"
+    async with raw.parse() as stream:
+        chunks = aiter(stream)
+        faulted = False
+        try:
+            async for chunk in chunks:
+                for choice in chunk.choices:
+                    received.append(choice.delta.content or "")
+                    finish = choice.finish_reason or finish
+                if not faulted and len([t for t in received if t]) >= 3:
+                    faulted = True
+                    await fault()
+        except openai.APIError as e:
+            error = e
+    return received, finish, error

@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 
-import openai
 import pytest
 
-from tests.e2e.conftest import chat_stream, direct_stream, read_events
+from tests.e2e.conftest import chat_stream, direct_stream, read_events, stream_with_fault
 
 pytestmark = pytest.mark.real_upstream
 
 QUIET_PROBES = {"lmstudio": {"probe_interval": 3600.0}}
-LONG = {"max_tokens": 400, "extra_body": {"min_tokens": 400}}
 # A prompt long enough that reading it takes the server a while: the window in which the
 # gateway's request holds the model but has produced no token yet.
 SLOW_PROMPT = [
@@ -72,35 +70,10 @@ async def test_cut_before_first_token_fails_over_invisibly(flaky, fallback, real
 
 async def test_cut_after_first_token_ends_with_error_event(flaky, fallback, real_gateway, direct):
     gw = await real_gateway(flaky, fallback, providers=QUIET_PROBES)
-    received: list[str] = []
-    finish = None
     async with gw.sdk() as sdk:
-        raw = await sdk.chat.completions.with_raw_response.create(
-            model="gemma",
-            messages=[{"role": "user", "content": "Tell a long story about the sea."}],
-            stream=True,
-            temperature=0.0,
-            **LONG,
-        )
-        assert raw.headers["x-gateway-provider"] == "lmstudio"
-        async with raw.parse() as stream:
-            chunks = aiter(stream)
-            while len([t for t in received if t]) < 3:
-                chunk = await anext(chunks)
-                for choice in chunk.choices:
-                    received.append(choice.delta.content or "")
-                    finish = choice.finish_reason or finish
-            await cut(direct, flaky)
-            ended_cleanly = True
-            try:
-                async for chunk in chunks:
-                    for choice in chunk.choices:
-                        received.append(choice.delta.content or "")
-                        finish = choice.finish_reason or finish
-            except openai.APIError as e:
-                ended_cleanly = False
-                assert isinstance(e.body, dict)
-                assert e.body.get("code") == "stream_interrupted"
+        received, finish, error = await stream_with_fault(sdk, lambda: cut(direct, flaky))
     assert "".join(received).strip()  # the partial text reached the client
     assert finish is None  # the upstream never finished
-    assert not ended_cleanly, "a truncated stream was presented as complete"
+    assert error is not None, "a truncated stream was presented as complete"
+    assert isinstance(error.body, dict)
+    assert error.body.get("code") == "stream_interrupted"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import openai
 import pytest
 
-from tests.e2e.conftest import chat_answer, chat_stream, port_refuses
+from tests.e2e.conftest import chat_answer, chat_stream, port_refuses, stream_with_fault
 
 pytestmark = pytest.mark.real_upstream
-
-LONG = {"max_tokens": 400, "extra_body": {"min_tokens": 400}}  # generation that outlasts a test
 
 
 def is_open(report):
@@ -102,39 +99,19 @@ async def test_primary_restarted_takes_traffic_back(primary, fallback, real_gate
 
 async def test_primary_killed_mid_stream(primary, fallback, real_gateway):
     gw = await real_gateway(primary, fallback)
-    received: list[str] = []
-    finish = None
+
+    async def kill() -> None:
+        primary.kill()
+
     async with gw.sdk() as sdk:
-        raw = await sdk.chat.completions.with_raw_response.create(
-            model="gemma",
-            messages=[{"role": "user", "content": "Tell a long story about the sea."}],
-            stream=True,
-            temperature=0.0,
-            **LONG,
-        )
-        assert raw.headers["x-gateway-provider"] == "lmstudio"
-        async with raw.parse() as stream:
-            chunks = aiter(stream)
-            while len([t for t in received if t]) < 3:
-                chunk = await anext(chunks)
-                for choice in chunk.choices:
-                    received.append(choice.delta.content or "")
-                    finish = choice.finish_reason or finish
-
-            primary.kill()
-
-            # After commit the gateway cannot fail over: it ends the stream with an error
-            # event, which the SDK raises; the stream never ends cleanly.
-            with pytest.raises(openai.APIError) as info:
-                async for chunk in chunks:
-                    for choice in chunk.choices:
-                        received.append(choice.delta.content or "")
-                        finish = choice.finish_reason or finish
+        # After commit the gateway cannot fail over: it ends the stream with an error
+        # event, which the SDK raises; the stream never ends cleanly.
+        received, finish, error = await stream_with_fault(sdk, kill)
         assert "".join(received).strip()  # the partial text reached the client
         assert finish is None
-        assert isinstance(info.value.body, dict)
-        assert info.value.body.get("code") == "stream_interrupted"
-        assert "after the first token" in info.value.message
+        assert error is not None and isinstance(error.body, dict)
+        assert error.body.get("code") == "stream_interrupted"
+        assert "after the first token" in error.message
 
         # The cut counted against the primary; the next request goes to the fallback.
         headers, text, _, _ = await chat_answer(sdk)
