@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import metrics
-from gateway.errors import error_body
+from gateway.errors import GatewayError
 
 # Liveness and readiness stay open: orchestrators probe them without credentials.
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -57,12 +57,8 @@ def _is_loopback(request: web.Request) -> bool:
 
 def _denied(status: int, message: str, code: str) -> web.Response:
     metrics.REQUESTS.labels("other", "none", str(status), "false").inc()
-    return web.Response(
-        status=status,
-        body=error_body(message, "invalid_request_error", code),
-        content_type="application/json",
-        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
-    )
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return GatewayError(status, message, code=code).response(headers)
 
 
 def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:

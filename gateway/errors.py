@@ -2,7 +2,7 @@
 
 The table in DESIGN.md section 3 is :data:`POLICY`; :func:`classify_response`,
 :func:`classify_error_body` and :func:`classify_exception` map what an upstream did onto
-it. :func:`error_body` builds the OpenAI-style bodies the gateway itself returns.
+it. :class:`GatewayError` is what the gateway itself answers, in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 
 class Outcome(StrEnum):
@@ -250,3 +251,37 @@ def error_body(
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself (bad input, no provider left), OpenAI-style."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        """The error as a response; ``Retry-After`` is added when the error has one."""
+        headers = dict(headers or {})
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return web.Response(
+            body=error_body(self.message, self.type, self.code, self.param),
+            status=self.status,
+            content_type="application/json",
+            headers=headers,
+        )

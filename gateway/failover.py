@@ -3,7 +3,8 @@
 :func:`run` walks a request's routes in order and returns the first usable answer: a
 :class:`Reply` (a non-streaming body, or an upstream error the client must see as is) or
 a :class:`StreamStart` (an upstream stream that has produced its first token and still
-holds its provider lease). When nothing answers it raises :class:`AllFailed`.
+holds its provider lease). When nothing answers it raises a
+:class:`~gateway.errors.GatewayError` listing every attempt.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.errors import (
     PHRASES,
     POLICY,
     Classified,
+    GatewayError,
     Outcome,
     classify_error_body,
     classify_exception,
@@ -38,9 +40,20 @@ log = logging.getLogger("gateway")
 
 # Outcomes after which the request ends with the upstream's own answer.
 _RETURNED_AS_IS = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.CONTENT_REFUSED})
+# Answers kept as a Reply: those above, and context_too_long, shown if nothing better comes.
+_KEPT = _RETURNED_AS_IS | {Outcome.CONTEXT_TOO_LONG}
 _SKIPS = frozenset(
     {Outcome.BREAKER_OPEN, Outcome.PROVIDER_FULL, Outcome.UNSUPPORTED, Outcome.MODEL_MISSING}
 )
+# How a request that no provider answered ends: status, type, code, message.
+_ALL_BUSY = (429, "requests", "rate_limit_exceeded", "Every provider is rate limited or busy.")
+_TOO_LATE = (
+    504,
+    "timeout",
+    "request_timeout",
+    "The request timed out before any provider answered.",
+)
+_ALL_FAILED = (503, "server_error", "all_providers_failed", "No provider could answer.")
 # A POST on a pooled connection that the server had already closed: aiohttp does not
 # retry it, so the loop resends once without blaming the provider.
 _STALE = Classified(Outcome.UNREACHABLE, "server closed a pooled connection")
@@ -115,22 +128,8 @@ class StreamStart:
     backlog: list[Event]  # events that arrived in the same read after the first token
 
 
-class AllFailed(Exception):
-    """No provider answered; carries the OpenAI-style error for the client."""
-
-    def __init__(
-        self, status: int, message: str, type_: str, code: str, retry_after: int | None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.retry_after = retry_after
-
-
 async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
-    """Try ``routes`` in order; return the first answer or raise :class:`AllFailed`."""
+    """Try ``routes`` in order; return the first answer or raise :class:`GatewayError`."""
     if routes:
         call.first_route = routes[0].provider
     previous: AttemptRecord | None = None
@@ -210,12 +209,14 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
         _record(call, provider, Classified(Outcome.PROVIDER_FULL, "no free slot"))
         return None
     handed_over = False
+    # Encoded once: retries and a stale-connection resend send the same bytes.
+    data = provider.dialect.request_body(call.body, call.raw, route.model)
     try:
         tries = 0
         wait = 0.0
         stale_resent = False
         while True:
-            cls, answer = await _send(call, route, lease)
+            cls, answer = await _send(call, provider, data, lease)
             if cls is _STALE and not stale_resent:
                 stale_resent = True
                 continue
@@ -224,9 +225,7 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
             else:
                 lease.judge(cls.outcome, _open_for(cls, provider))
             _record(call, provider, cls, wait)
-            if answer is not None and (
-                cls.outcome in _RETURNED_AS_IS or cls.outcome is Outcome.CONTEXT_TOO_LONG
-            ):
+            if answer is not None:  # an answer, or an error the client must see (_KEPT)
                 return answer
             if not POLICY[cls.outcome].retry_same or tries >= cfg.max_retries:
                 return None
@@ -245,7 +244,7 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
                 cls = Classified(Outcome.BREAKER_OPEN, f"retry in {retry_in:.1f}s", None, retry_in)
                 _record(call, provider, cls, delay)
                 return None
-            lease.renew(permit)
+            lease.permit = permit
             tries += 1
             wait = delay
     finally:
@@ -281,16 +280,14 @@ def _open_for(cls: Classified, provider: Provider) -> float | None:
 
 
 async def _send(
-    call: Call, route: Route[Provider], lease: Lease
+    call: Call, provider: Provider, data: bytes, lease: Lease
 ) -> tuple[Classified, Reply | StreamStart | None]:
     """One request to one provider, up to a complete body or a stream's first token."""
-    provider = route.provider
     cfg = provider.config
     session = provider.session
     assert session is not None  # started by the app's cleanup context
     remaining = call.deadline - asyncio.get_running_loop().time()
     limit = min(cfg.first_token_timeout if call.stream else cfg.response_timeout, remaining)
-    data = provider.dialect.request_body(call.body, call.raw, route.model)
     url = provider.dialect.url(cfg.base_url, call.endpoint)
     headers = {**provider.headers, "X-Request-Id": call.request_id}
     start = time.perf_counter()
@@ -334,7 +331,7 @@ def _judge_body(
     status = resp.status
     if status >= 300:
         cls = classify_response(status, body, resp.headers)
-        keep = cls.outcome in _RETURNED_AS_IS or cls.outcome is Outcome.CONTEXT_TOO_LONG
+        keep = cls.outcome in _KEPT
         reply = Reply(provider, cls.outcome, status, resp.headers, body) if keep else None
         return cls, reply
     try:
@@ -391,42 +388,25 @@ async def _first_token(
                 return Classified(Outcome.OK, "", resp.status), start
 
 
-def _give_up(call: Call, routes: list[Route[Provider]]) -> AllFailed:
+def _give_up(call: Call, routes: list[Route[Provider]]) -> GatewayError:
     """The error for a request that no provider answered."""
     outcomes = {r.outcome for r in call.records}
     attempts = "; ".join(r.describe() for r in call.records) or "no provider is configured"
     if call.records and outcomes <= {Outcome.MODEL_MISSING, Outcome.UNSUPPORTED}:
-        return AllFailed(
+        return GatewayError(
             404,
             f"The model {call.model!r} is not available on any provider. Attempts: {attempts}",
-            "invalid_request_error",
-            "model_not_found",
-            None,
+            code="model_not_found",
         )
     hints = [p.breaker.retry_in() for p in {r.provider for r in routes}]
     hints += [r.retry_after for r in call.records if r.retry_after is not None]
     positive = [h for h in hints if h > 0]
     retry_after = max(1, math.ceil(min(positive))) if positive else 1
     if call.records and outcomes <= {Outcome.RATE_LIMITED, Outcome.PROVIDER_FULL}:
-        return AllFailed(
-            429,
-            f"Every provider is rate limited or busy. Attempts: {attempts}",
-            "requests",
-            "rate_limit_exceeded",
-            retry_after,
-        )
-    if asyncio.get_running_loop().time() >= call.deadline:
-        return AllFailed(
-            504,
-            f"The request timed out before any provider answered. Attempts: {attempts}",
-            "timeout",
-            "request_timeout",
-            retry_after,
-        )
-    return AllFailed(
-        503,
-        f"No provider could answer. Attempts: {attempts}",
-        "server_error",
-        "all_providers_failed",
-        retry_after,
-    )
+        status, type_, code, why = _ALL_BUSY
+    elif asyncio.get_running_loop().time() >= call.deadline:
+        status, type_, code, why = _TOO_LATE
+    else:
+        status, type_, code, why = _ALL_FAILED
+    message = f"{why} Attempts: {attempts}"
+    return GatewayError(status, message, type_=type_, code=code, retry_after=retry_after)

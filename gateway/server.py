@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from gateway import metrics
 from gateway.auth import auth_middleware
 from gateway.config import Settings
-from gateway.errors import error_body
-from gateway.failover import AllFailed, Call, Reply, run
+from gateway.errors import GatewayError
+from gateway.failover import Call, Reply, run
 from gateway.providers import DIALECTS
 from gateway.providers.base import Provider
 from gateway.relay import SHUTDOWN_REASON, gateway_headers, relay_stream, reply_response
@@ -41,48 +41,12 @@ _MAX_DEPTH = 254
 _REQUIRED = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
 
 
-class BadRequest(Exception):
-    """A client error the gateway answers itself, OpenAI-style."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type_
-
-
 def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """A JSON response encoded with orjson."""
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
-    )
-
-
-def error_response(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """An OpenAI-style error response."""
-    return web.Response(
-        body=error_body(message, type_, code, param),
-        status=status,
-        content_type="application/json",
-        headers=headers,
     )
 
 
@@ -101,17 +65,17 @@ async def _errors(
     rid = {"x-request-id": request_id}
     try:
         resp = await handler(request)
-    except BadRequest as e:
-        return error_response(e.status, e.message, e.type, e.code, e.param, rid)
+    except GatewayError as e:
+        return e.response(rid)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         code = "not_found" if e.status == 404 else None
         message = f"{e.reason}: {request.method} {request.path}"
-        return error_response(e.status, message, "invalid_request_error", code, headers=rid)
+        return GatewayError(e.status, message, code=code).response(rid)
     except Exception:
         log.exception("unexpected error [%s]", request_id)
-        return error_response(500, "Internal gateway error", "server_error", headers=rid)
+        return GatewayError(500, "Internal gateway error", type_="server_error").response(rid)
     if "x-request-id" not in resp.headers and not resp.prepared:
         resp.headers["x-request-id"] = request_id
     return resp
@@ -122,44 +86,46 @@ async def _read_body(
 ) -> tuple[dict[str, Any], bytes]:
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(
+        raise GatewayError(
             413, f"Request body is larger than {limit} bytes", code="request_too_large"
         )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(
+        raise GatewayError(
             413, f"Request body is larger than {limit} bytes", code="request_too_large"
         ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise BadRequest(
+        raise GatewayError(
             400, "We could not parse the JSON body of your request: it is not valid JSON."
         ) from None
     if not isinstance(body, dict):
-        raise BadRequest(400, "The request body must be a JSON object.")
+        raise GatewayError(400, "The request body must be a JSON object.")
     if raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH:  # only then can it nest that deep
         try:
             orjson.dumps(body)
         except orjson.JSONEncodeError:
-            raise BadRequest(
+            raise GatewayError(
                 400, f"The request body nests deeper than {_MAX_DEPTH} levels."
             ) from None
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise BadRequest(400, "You must provide a model parameter (a non-empty string).", "model")
+        raise GatewayError(
+            400, "You must provide a model parameter (a non-empty string).", param="model"
+        )
     required = _REQUIRED[endpoint]
     value = body.get(required)
     if value is None:
-        raise BadRequest(400, f"Missing required parameter: '{required}'.", required)
+        raise GatewayError(400, f"Missing required parameter: '{required}'.", param=required)
     if endpoint == "chat/completions" and (not isinstance(value, list) or not value):
-        raise BadRequest(400, "'messages' must be a non-empty array.", "messages")
+        raise GatewayError(400, "'messages' must be a non-empty array.", param="messages")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise BadRequest(400, "'stream' must be a boolean.", "stream")
+        raise GatewayError(400, "'stream' must be a boolean.", param="stream")
     if stream and endpoint == "embeddings":
-        raise BadRequest(400, "Embeddings cannot be streamed.", "stream")
+        raise GatewayError(400, "Embeddings cannot be streamed.", param="stream")
     return body, raw
 
 
@@ -173,7 +139,7 @@ def _deadline(request: web.Request, settings: Settings) -> float:
             timeout = -1.0
         if not 0 < timeout <= settings.max_request_timeout:
             most = settings.max_request_timeout
-            raise BadRequest(
+            raise GatewayError(
                 400,
                 f"x-gateway-timeout must be a number of seconds in (0, {most:g}]",
                 code="invalid_timeout",
@@ -188,7 +154,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
         try:
             body, raw = await _read_body(request, endpoint, settings)
             deadline = _deadline(request, settings)
-        except BadRequest as e:
+        except GatewayError as e:
             metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
             raise
         call = Call(
@@ -217,21 +183,23 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     routes = request.app[ROUTER].route(call.model)
     try:
         answer = await run(call, routes)
-    except AllFailed as e:
+    except GatewayError as e:
         call.status = e.status
-        call.result = e.code
-        headers = gateway_headers(call)
-        if e.retry_after is not None:
-            headers["Retry-After"] = str(e.retry_after)
-        return error_response(e.status, e.message, e.type, e.code, headers=headers)
+        call.result = e.code or "error"
+        return e.response(gateway_headers(call))
     except asyncio.CancelledError as e:
         if e.args == (SHUTDOWN_REASON,):
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             call.status = 503
             call.result = "shutdown"
-            headers = {**gateway_headers(call), "Retry-After": "1"}
-            message = "The gateway is shutting down; retry the request."
-            return error_response(503, message, "server_error", "shutting_down", headers=headers)
+            err = GatewayError(
+                503,
+                "The gateway is shutting down; retry the request.",
+                type_="server_error",
+                code="shutting_down",
+                retry_after=1,
+            )
+            return err.response(gateway_headers(call))
         call.result = "cancelled"
         metrics.CLIENT_DISCONNECTS.inc()
         raise
@@ -300,7 +268,7 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
             request.writer.output_size = 0  # the status line is not part of the body
         return None
     rid = {"x-request-id": _request_id(request)}
-    return error_response(417, "Only 'Expect: 100-continue' is supported.", headers=rid)
+    return GatewayError(417, "Only 'Expect: 100-continue' is supported.").response(rid)
 
 
 async def _models(request: web.Request) -> web.Response:

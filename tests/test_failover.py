@@ -239,4 +239,5 @@ async def test_invalid_json_from_upstream_fails_over(gateway, upstreams):
     client = await gateway(a, b)
     resp, body = await post(client)
     assert resp.status == 200
+    assert resp.headers["x-gateway-provider"] == "lmstudio"
     assert orjson.loads(body)["choices"]

@@ -72,7 +72,6 @@ class Provider:
             listeners=[_BreakerMetrics(config.name, config.display_name)],
         )
         self.limiter = Limiter(config.max_concurrency, config.max_queue)
-        self.inflight = 0
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
@@ -140,6 +139,11 @@ class Provider:
             return False
         return model not in models and f"{model}:latest" not in models
 
+    @property
+    def inflight(self) -> int:
+        """Requests holding a slot here: sending, or streaming from this provider."""
+        return self.limiter.in_use
+
     def usable(self) -> bool:
         """True while a request could be sent now (breaker not open)."""
         return self.breaker.state is not State.OPEN
@@ -161,7 +165,6 @@ class Lease:
     def hold_slot(self) -> None:
         """Record that a limiter slot was taken (freed by :meth:`finish`)."""
         self._slot = True
-        self.provider.inflight += 1
         self.provider.inflight_gauge.inc()
 
     def judge(self, outcome: Outcome, open_for: float | None = None) -> None:
@@ -175,16 +178,11 @@ class Lease:
         else:
             breaker.release(self.permit)
 
-    def renew(self, permit: Permit) -> None:
-        """Carry on with a new breaker permit (a retry on the same provider)."""
-        self.permit = permit
-
-    def finish(self, outcome: Outcome, open_for: float | None = None) -> None:
+    def finish(self, outcome: Outcome) -> None:
         """Judge the request and free its slot; later calls do nothing."""
-        self.judge(outcome, open_for)
+        self.judge(outcome)
         if self._slot:
             self._slot = False
             provider = self.provider
-            provider.inflight -= 1
             provider.inflight_gauge.dec()
             provider.limiter.release()

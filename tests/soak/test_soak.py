@@ -118,7 +118,7 @@ PLAIN_TABLE: list[tuple[str, float, Make]] = [
     ("server_error", 6, lambda r: fu.server_error(r.choice((500, 502, 503, 529)))),
     ("hang_up", 3, lambda r: fu.hang_up()),
     ("silent", 2, lambda r: fu.silent()),
-    ("cut_body", 3, lambda r: fu.Behaviour("cut_body")),
+    ("cut_body", 3, lambda r: fu.wrong_length()),
     ("not_json", 2, lambda r: fu.Behaviour("not_json")),
     ("error_in_200", 2, lambda r: fu.Behaviour("error_in_200")),
 ]
@@ -127,9 +127,8 @@ PLAIN_TABLE: list[tuple[str, float, Make]] = [
 class ChaosUpstream(FakeUpstream):
     """A fake provider that draws each answer from a seeded random table.
 
-    Adds three non-streaming faults to :class:`FakeUpstream`'s: ``cut_body`` (a 200 whose
-    connection drops mid-body), ``not_json`` (a 200 HTML page) and ``error_in_200`` (a
-    200 whose JSON body is an error). Counts what it played and the requests in progress.
+    Adds two non-streaming faults to :class:`FakeUpstream`'s: ``not_json`` (a 200 HTML
+    page) and ``error_in_200`` (a 200 whose JSON body is an error). Counts what it played and the requests in progress.
     """
 
     def __init__(self, name: str, seed: int) -> None:
@@ -152,15 +151,6 @@ class ChaosUpstream(FakeUpstream):
             if b.kind == "chaos":
                 name, b = self._pick(bool(body.get("stream")))
                 self.played[name] += 1
-            if b.kind == "cut_body":
-                full = orjson.dumps(fu.completion(self.text, body["model"]))
-                resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-                resp.content_length = len(full)
-                await resp.prepare(request)
-                await resp.write(full[: len(full) // 2])
-                assert request.transport is not None
-                request.transport.abort()
-                await asyncio.sleep(3600)
             if b.kind == "not_json":
                 return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="text/html")
             if b.kind == "error_in_200":
