@@ -13,6 +13,16 @@ do not fit a gateway, so this layer takes over the parts that have them:
 
 Outcomes are reported explicitly (:meth:`record_success`, :meth:`record_failure`,
 :meth:`release`), because a stream is judged by how it ends, not by a function return.
+Two rules keep the state machine honest when it is fed from two sides (requests and
+probes):
+
+* every opening starts a new *epoch*, and a permit remembers the epoch it was issued in:
+  the verdict of a request admitted before the breaker opened moves nothing (a slow
+  stream that ends well does not close a breaker that a quota error opened; a late
+  failure does not reopen it during another request's trial);
+* an open period the upstream asked for (``open_for``: out of quota, ``Retry-After``) is
+  *firm*: a good probe does not shorten it, because a model list answers while the quota
+  is gone. A probe may half-open a breaker that ordinary failures opened.
 """
 
 from __future__ import annotations
@@ -62,7 +72,19 @@ class Permit:
     """Leave to send one request; ``trial`` marks the single half-open probe request."""
 
     trial: bool
+    epoch: int = 0  # the breaker's epoch when the permit was issued
     done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Why a breaker counted a failure: a short kind and the upstream's words."""
+
+    kind: str  # e.g. "rate_limited", "unreachable"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.detail})" if self.detail else self.kind
 
 
 class ProviderBreaker:
@@ -95,6 +117,9 @@ class ProviderBreaker:
             name=name,
         )
         self._open_until = 0.0  # monotonic
+        self._firm_until = 0.0  # monotonic end of an open period the upstream asked for
+        self._epoch = 0  # incremented at every opening
+        self.cause: Cause | None = None  # why it last opened
         self._trial_since: float | None = None  # monotonic start of the trial in flight
         self._trial_timeout = trial_timeout
 
@@ -109,6 +134,16 @@ class ProviderBreaker:
     def fail_counter(self) -> int:
         """Consecutive failures recorded so far."""
         return int(self._storage.counter)
+
+    @property
+    def epoch(self) -> int:
+        """How many times the breaker has opened."""
+        return self._epoch
+
+    @property
+    def firm(self) -> bool:
+        """True while an open period that the upstream asked for is running."""
+        return self._clock() < self._firm_until
 
     @property
     def state(self) -> State:
@@ -150,67 +185,79 @@ class ProviderBreaker:
         """A permit to send one request, or None when the breaker refuses it."""
         state = self.state
         if state is State.CLOSED:
-            return Permit(trial=False)
+            return Permit(False, self._epoch)
         if state is State.OPEN or self._trial_busy():
             return None
         self._trial_since = self._clock()
-        return Permit(trial=True)
+        return Permit(True, self._epoch)
+
+    def _settle(self, permit: Permit) -> bool:
+        """Mark ``permit`` used; True when its verdict may move the breaker."""
+        if permit.done:
+            return False
+        permit.done = True
+        if permit.trial:
+            self._trial_since = None
+        return permit.epoch == self._epoch
 
     # -- outcomes of requests --------------------------------------------------
 
     def record_success(self, permit: Permit) -> None:
-        """The request behind ``permit`` succeeded: reset the count, close if trial."""
-        if permit.done:
+        """The request behind ``permit`` succeeded: reset the count, close if trial.
+
+        A permit issued before the breaker last opened changes nothing.
+        """
+        if not self._settle(permit):
             return
-        permit.done = True
         self._storage.reset_counter()
-        if permit.trial:
-            self._trial_since = None
         if _FROM_AIO[self._cb.current_state] is not State.CLOSED:
             self._cb.close()
         for listener in self._cb.listeners:
             listener.success(self._cb)
 
-    def record_failure(self, permit: Permit | None, open_for: float | None = None) -> None:
-        """The request failed; ``open_for`` opens the breaker at once for that long."""
-        if permit is not None:
-            if permit.done:
-                return
-            permit.done = True
-            if permit.trial:
-                self._trial_since = None
+    def record_failure(
+        self, permit: Permit | None, open_for: float | None = None, cause: Cause | None = None
+    ) -> None:
+        """The request behind ``permit`` (None: a probe) failed.
+
+        ``open_for`` is a period the upstream asked for: the breaker opens at once for at
+        least that long, and probes do not shorten it. A permit issued before the breaker
+        last opened changes nothing.
+        """
+        if permit is not None and not self._settle(permit):
+            return
+        self._fail(open_for, open_for is not None, cause)
+
+    def _fail(self, open_for: float | None, firm: bool, cause: Cause | None) -> None:
         self._storage.increment_counter()
         for listener in self._cb.listeners:
             listener.failure(self._cb, None)
         state = self.state
         if open_for is not None:
-            self._open(max(open_for, self._open_until - self._clock()))
+            self._open(max(open_for, self._open_until - self._clock()), firm, cause)
         elif state is State.HALF_OPEN or (
             state is State.CLOSED and self.fail_counter >= self.fail_max
         ):
-            self._open(self.reset_timeout)
+            self._open(self.reset_timeout, False, cause)
 
     def release(self, permit: Permit) -> None:
         """The request ended without a verdict on the provider (client went away, etc.)."""
-        if permit.done:
-            return
-        permit.done = True
-        if permit.trial:
-            self._trial_since = None
+        self._settle(permit)
 
     # -- probe feedback --------------------------------------------------------
 
     def probe_succeeded(self) -> None:
         """A good probe: an open breaker goes half-open so the next request is the trial.
 
-        It does not reset the failure count: a provider whose model list answers can
-        still fail every completion.
+        It does not reset the failure count (a provider whose model list answers can
+        still fail every completion), and it does not end an open period that the
+        upstream asked for (:meth:`record_failure`'s ``open_for``).
         """
-        if _FROM_AIO[self._cb.current_state] is State.OPEN:
+        if _FROM_AIO[self._cb.current_state] is State.OPEN and not self.firm:
             self._open_until = self._clock()
             self._cb.half_open()
 
-    def probe_failed(self, unreachable: bool = False) -> None:
+    def probe_failed(self, unreachable: bool = False, cause: Cause | None = None) -> None:
         """A failed probe counts as one failure; it reopens a half-open breaker.
 
         ``unreachable`` (the connection was refused: the provider is off) opens the
@@ -219,14 +266,19 @@ class ProviderBreaker:
         if self.state is State.HALF_OPEN and self._trial_busy():
             return  # the trial request in flight will decide
         if unreachable and self.state is not State.OPEN:
-            self.record_failure(None, open_for=self.reset_timeout)
+            self._fail(self.reset_timeout, False, cause)
         else:
-            self.record_failure(None)
+            self._fail(None, False, cause)
 
-    def _open(self, duration: float) -> None:
+    def _open(self, duration: float, firm: bool, cause: Cause | None) -> None:
         now = self._clock()
         self._open_until = now + duration
+        if firm:
+            self._firm_until = max(self._firm_until, self._open_until)
+        if cause is not None:
+            self.cause = cause
         if _FROM_AIO[self._cb.current_state] is not State.OPEN:
+            self._epoch += 1
             self._cb.open()
         else:
             self._storage.opened_at = datetime.now(UTC)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -88,7 +89,7 @@ class Prober:
             error = f"timed out after {self.timeout:g}s"
             timed_out = True
         except aiohttp.ClientConnectorError as e:
-            error = f"cannot connect: {e.os_error.strerror or e}"
+            error = connect_failure(e)
             refused = True
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}"
@@ -128,6 +129,13 @@ class Prober:
             except Exception:  # a probe bug must not end probing for good
                 log.exception("probe of %s failed unexpectedly", self.name)
             await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
+
+
+def connect_failure(exc: aiohttp.ClientConnectorError) -> str:
+    """``cannot connect to localhost:1234: Connection refused``, whatever the OS wording."""
+    err = exc.os_error
+    reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err) or "failed")
+    return f"cannot connect to {exc.host}:{exc.port}: {reason}"
 
 
 def _model_ids(body: bytes) -> frozenset[str] | None:

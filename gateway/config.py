@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.auth import AccessPolicy, digest
+from gateway.providers import DIALECTS
 
 #: Provider names the seed knows, in the default failover order.
 BUILTIN_PROVIDERS = ("openai", "lmstudio", "ollama")
@@ -343,8 +344,6 @@ def _build_provider(
     if name == "openai" and values["api_key"] is None and "api.openai.com" in values["base_url"]:
         # The hosted API rejects every keyless call; better skipped than probed into a 401.
         return None
-
-    from gateway.providers import DIALECTS  # late: providers import this module
 
     if values.get("dialect", "openai") not in DIALECTS:
         raise ConfigError(f"{prefix}.dialect", f"unknown dialect (known: {', '.join(DIALECTS)})")

@@ -17,6 +17,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from breakers.probes import connect_failure
+
 
 class Outcome(StrEnum):
     """What happened on one attempt."""
@@ -36,6 +38,11 @@ class Outcome(StrEnum):
     # OpenAI answer (malformed SSE, a stream that ends before its first token).
     BAD_RESPONSE = "bad_response"
     CANCELLED = "cancelled"
+    # The request's own deadline (x-gateway-timeout, or the gateway's request_timeout)
+    # ran out: a 504 for the client, and not the provider's failure.
+    DEADLINE = "deadline"
+    # A pooled connection the server had closed: resent once, not the provider's failure.
+    STALE_CONNECTION = "stale_connection"
     # Skips: no request was sent.
     BREAKER_OPEN = "breaker_open"
     PROVIDER_FULL = "provider_full"
@@ -74,6 +81,8 @@ POLICY: dict[Outcome, Policy] = {
     Outcome.CLIENT_ERROR: Policy(False, False, _S),
     Outcome.BAD_RESPONSE: Policy(False, True, _F),
     Outcome.CANCELLED: Policy(False, False, _N),
+    Outcome.DEADLINE: Policy(False, False, _N),
+    Outcome.STALE_CONNECTION: Policy(False, False, _N),
     Outcome.BREAKER_OPEN: Policy(False, True, _N),
     Outcome.PROVIDER_FULL: Policy(False, True, _N),
     Outcome.UNSUPPORTED: Policy(False, True, _N),
@@ -90,6 +99,7 @@ PHRASES = {
     Outcome.MODEL_MISSING: "does not serve the model",
     Outcome.CONTEXT_TOO_LONG: "context length exceeded",
     Outcome.BAD_RESPONSE: "sent an invalid response",
+    Outcome.DEADLINE: "ran out of the request's time",
     Outcome.BREAKER_OPEN: "circuit breaker open",
     Outcome.PROVIDER_FULL: "at its concurrency limit",
     Outcome.UNSUPPORTED: "does not support this endpoint",
@@ -229,7 +239,7 @@ def classify_exception(exc: BaseException) -> Classified:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
         return Classified(Outcome.UNREACHABLE, f"TLS error: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return Classified(Outcome.UNREACHABLE, f"cannot connect: {exc.os_error.strerror or exc}")
+        return Classified(Outcome.UNREACHABLE, connect_failure(exc))
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return Classified(Outcome.UNREACHABLE, "server disconnected")
     if isinstance(exc, aiohttp.ClientPayloadError):

@@ -1,9 +1,9 @@
 """The attempt loop: breaker gate, concurrency limit, send, classify, retry or fail over.
 
 :func:`run` walks a request's routes in order and returns the first usable answer: a
-:class:`Reply` (a non-streaming body, or an upstream error the client must see as is) or
-a :class:`StreamStart` (an upstream stream that has produced its first token and still
-holds its provider lease). When nothing answers it raises a
+:class:`~gateway.call.Reply` (a non-streaming body, or an upstream error the client must
+see as is) or a :class:`~gateway.call.StreamStart` (an upstream stream that has produced
+its first token and still holds its provider lease). When nothing answers it raises a
 :class:`~gateway.errors.GatewayError` listing every attempt.
 """
 
@@ -14,27 +14,15 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
-import orjson
-from multidict import CIMultiDictProxy
 
 from gateway import metrics
-from gateway.errors import (
-    PHRASES,
-    POLICY,
-    Classified,
-    GatewayError,
-    Outcome,
-    classify_error_body,
-    classify_exception,
-    classify_response,
-)
-from gateway.providers.base import Lease, Provider
+from gateway.call import AttemptRecord, Call, Reply, StreamStart
+from gateway.errors import PHRASES, POLICY, Classified, GatewayError, Outcome, classify_exception
 from gateway.routing import Route
-from gateway.sse import DONE, Event, SSEError, SSEParser, has_output
+from gateway.stream import hold, judge_body
+from gateway.upstream import REUSED, Lease, Provider
 
 log = logging.getLogger("gateway")
 
@@ -45,6 +33,8 @@ _KEPT = _RETURNED_AS_IS | {Outcome.CONTEXT_TOO_LONG}
 _SKIPS = frozenset(
     {Outcome.BREAKER_OPEN, Outcome.PROVIDER_FULL, Outcome.UNSUPPORTED, Outcome.MODEL_MISSING}
 )
+# Attempts that say nothing about whether providers could serve the request.
+_NOT_CANDIDATES = frozenset({Outcome.UNSUPPORTED, Outcome.MODEL_MISSING, Outcome.STALE_CONNECTION})
 # How a request that no provider answered ends: status, type, code, message.
 _ALL_BUSY = (429, "requests", "rate_limit_exceeded", "Every provider is rate limited or busy.")
 _TOO_LATE = (
@@ -54,88 +44,23 @@ _TOO_LATE = (
     "The request timed out before any provider answered.",
 )
 _ALL_FAILED = (503, "server_error", "all_providers_failed", "No provider could answer.")
-# A POST on a pooled connection that the server had already closed: aiohttp does not
-# retry it, so the loop resends once without blaming the provider.
-_STALE = Classified(Outcome.UNREACHABLE, "server closed a pooled connection")
-
-
-@dataclass(slots=True)
-class AttemptRecord:
-    """One try on one provider, or one skip."""
-
-    provider: Provider
-    outcome: Outcome
-    detail: str
-    wait: float = 0.0  # backoff slept before this try
-    retry_after: float | None = None
-
-    def describe(self) -> str:
-        """``LM Studio: unreachable (cannot connect: Connection refused)``."""
-        waited = f" after {self.wait:.2f}s backoff" if self.wait else ""
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.provider.display_name}: {self.outcome.value}{detail}{waited}"
-
-
-@dataclass(slots=True)
-class Call:
-    """One client request as the loop sees it, and what became of it."""
-
-    endpoint: str  # "chat/completions", "completions" or "embeddings"
-    body: dict[str, Any]
-    raw: bytes
-    model: str
-    stream: bool
-    request_id: str
-    deadline: float  # event-loop time
-    started: float = field(default_factory=time.perf_counter)
-    waited: float = 0.0  # seconds spent waiting on upstreams, backoff and queues
-    records: list[AttemptRecord] = field(default_factory=list)
-    first_route: Provider | None = None
-    # Filled in as the response goes out, for the completion log line and metrics.
-    answered_by: Provider | None = None
-    status: int = 0
-    result: str = ""  # an Outcome value, or how the stream ended
-    first_token_at: float | None = None  # perf_counter
-    usage: dict[str, Any] | None = None
-
-    @property
-    def failover(self) -> bool:
-        """True when the answer did not come from the first route."""
-        return self.answered_by is not None and self.answered_by is not self.first_route
-
-
-@dataclass(slots=True)
-class Reply:
-    """A complete upstream response to pass through."""
-
-    provider: Provider
-    outcome: Outcome
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    usage: dict[str, Any] | None = None
-
-
-@dataclass(slots=True)
-class StreamStart:
-    """An upstream stream that has produced its first token; the relay takes it over."""
-
-    provider: Provider
-    lease: Lease
-    resp: aiohttp.ClientResponse
-    parser: SSEParser
-    held: list[bytes]  # events up to and including the first token, as received
-    backlog: list[Event]  # events that arrived in the same read after the first token
+# A POST on a pooled connection that the server had closed meanwhile fails at once, before
+# any response byte; aiohttp does not resend it, so the loop does, once, visibly. A failure
+# later than this on a pooled connection is the provider's (it read the request and hung up).
+_STALE = Classified(Outcome.STALE_CONNECTION, "pooled connection closed by the server; resent")
+_STALE_WITHIN = 1.0
+_CLOSED_AGAIN = Classified(Outcome.UNREACHABLE, "server closed the connection again")
 
 
 async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
     """Try ``routes`` in order; return the first answer or raise :class:`GatewayError`."""
     if routes:
         call.first_route = routes[0].provider
+    loop = asyncio.get_running_loop()
     previous: AttemptRecord | None = None
     kept_reply: Reply | None = None  # a context_too_long answer, shown if nothing better
     for route in routes:
-        if asyncio.get_running_loop().time() >= call.deadline:
+        if loop.time() >= call.deadline:
             break
         if previous is not None:
             _log_failover(call, previous, route.provider)
@@ -147,7 +72,9 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
                 return result
             kept_reply = result
         previous = call.records[-1]
-    if previous is not None:
+        if previous.outcome is Outcome.DEADLINE:
+            break
+    if previous is not None and previous.outcome is not Outcome.DEADLINE:
         log.log(
             _level(previous),
             "%s %s, no provider left [%s]",
@@ -155,7 +82,7 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
             PHRASES.get(previous.outcome, previous.outcome.value),
             call.request_id,
         )
-    sent = {r.outcome for r in call.records} - _SKIPS
+    sent = {r.outcome for r in call.records} - _SKIPS - {Outcome.STALE_CONNECTION}
     if kept_reply is not None and sent <= {Outcome.CONTEXT_TOO_LONG}:
         return kept_reply  # the upstream's own 400 says it best
     raise _give_up(call, routes)
@@ -180,9 +107,23 @@ def _level(record: AttemptRecord) -> int:
     return logging.DEBUG if record.outcome in _SKIPS else logging.WARNING
 
 
-def _record(call: Call, provider: Provider, cls: Classified, wait: float = 0.0) -> None:
-    call.records.append(AttemptRecord(provider, cls.outcome, cls.detail, wait, cls.retry_after))
+def _record(
+    call: Call, provider: Provider, cls: Classified, wait: float = 0.0, cause: str = ""
+) -> None:
+    call.records.append(
+        AttemptRecord(provider, cls.outcome, cls.detail, wait, cls.retry_after, cause)
+    )
     metrics.UPSTREAM_ATTEMPTS.labels(provider.name, cls.outcome.value).inc()
+
+
+def _skip_open(call: Call, provider: Provider, wait: float = 0.0) -> None:
+    """Record a skip over an open breaker, with what opened it."""
+    breaker = provider.breaker
+    retry_in = breaker.retry_in()
+    cause = breaker.cause
+    why = f"{cause}; " if cause is not None else ""
+    cls = Classified(Outcome.BREAKER_OPEN, f"{why}retry in {retry_in:.1f}s", None, retry_in)
+    _record(call, provider, cls, wait, cause.kind if cause is not None else "")
 
 
 async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamStart | None:
@@ -199,31 +140,30 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
         return None
     permit = provider.breaker.try_acquire()
     if permit is None:
-        retry_in = provider.breaker.retry_in()
-        detail = f"retry in {retry_in:.1f}s"
-        _record(call, provider, Classified(Outcome.BREAKER_OPEN, detail, None, retry_in))
+        _skip_open(call, provider)
         return None
     lease = Lease(provider, permit)
-    if not await _take_slot(call, lease):
-        provider.breaker.release(permit)
-        _record(call, provider, Classified(Outcome.PROVIDER_FULL, "no free slot"))
-        return None
     handed_over = False
-    # Encoded once: retries and a stale-connection resend send the same bytes.
-    data = provider.dialect.request_body(call.body, call.raw, route.model)
-    try:
+    try:  # from here on, every path gives the permit back (a trial above all)
+        if not await _take_slot(call, lease):
+            return None
+        # Encoded once: retries and a stale-connection resend send the same bytes.
+        data = provider.dialect.request_body(call.body, call.raw, route.model)
         tries = 0
         wait = 0.0
         stale_resent = False
         while True:
             cls, answer = await _send(call, provider, data, lease)
-            if cls is _STALE and not stale_resent:
-                stale_resent = True
-                continue
+            if cls is _STALE:
+                if not stale_resent:
+                    stale_resent = True
+                    _record(call, provider, cls, wait)
+                    continue
+                cls = _CLOSED_AGAIN
             if isinstance(answer, StreamStart):
                 handed_over = True
             else:
-                lease.judge(cls.outcome, _open_for(cls, provider))
+                lease.judge(cls.outcome, _open_for(cls, provider), cls.detail)
             _record(call, provider, cls, wait)
             if answer is not None:  # an answer, or an error the client must see (_KEPT)
                 return answer
@@ -239,10 +179,8 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
             await asyncio.sleep(delay)
             call.waited += delay
             permit = provider.breaker.try_acquire()
-            if permit is None:  # another request is the half-open trial
-                retry_in = provider.breaker.retry_in()
-                cls = Classified(Outcome.BREAKER_OPEN, f"retry in {retry_in:.1f}s", None, retry_in)
-                _record(call, provider, cls, delay)
+            if permit is None:  # opened meanwhile, or another request is the half-open trial
+                _skip_open(call, provider, delay)
                 return None
             lease.permit = permit
             tries += 1
@@ -253,25 +191,32 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
 
 
 async def _take_slot(call: Call, lease: Lease) -> bool:
+    """A concurrency slot for ``lease``; False (recorded) when none came in time."""
     provider = lease.provider
     limiter = provider.limiter
     if not limiter.full():
         await limiter.acquire(0)
         lease.hold_slot()
         return True
+    loop = asyncio.get_running_loop()
     start = time.perf_counter()
-    remaining = call.deadline - asyncio.get_running_loop().time()
-    got = await limiter.acquire(min(provider.config.max_queue_wait, remaining))
+    remaining = call.deadline - loop.time()
+    queue_wait = provider.config.max_queue_wait
+    got = await limiter.acquire(min(queue_wait, remaining))
     waited = time.perf_counter() - start
     call.waited += waited
     metrics.QUEUE_WAIT.labels(provider.name).observe(waited)
     if got:
         lease.hold_slot()
+    elif remaining < queue_wait and loop.time() >= call.deadline:
+        _record(call, provider, Classified(Outcome.DEADLINE, "request deadline reached in queue"))
+    else:
+        _record(call, provider, Classified(Outcome.PROVIDER_FULL, "no free slot"))
     return got
 
 
 def _open_for(cls: Classified, provider: Provider) -> float | None:
-    """How long a failure should hold the breaker open, beyond the usual rule."""
+    """How long the upstream asked the breaker to stay open, beyond the usual rule."""
     if cls.outcome is Outcome.QUOTA_EXHAUSTED:
         return provider.config.quota_reset_timeout
     if cls.outcome is Outcome.RATE_LIMITED and cls.retry_after:
@@ -287,34 +232,38 @@ async def _send(
     session = provider.session
     assert session is not None  # started by the app's cleanup context
     remaining = call.deadline - asyncio.get_running_loop().time()
-    limit = min(cfg.first_token_timeout if call.stream else cfg.response_timeout, remaining)
+    own = cfg.first_token_timeout if call.stream else cfg.response_timeout
+    limit = min(own, remaining)
     url = provider.dialect.url(cfg.base_url, call.endpoint)
     headers = {**provider.headers, "X-Request-Id": call.request_id}
     start = time.perf_counter()
     resp: aiohttp.ClientResponse | None = None
     handed_over = False
+    REUSED.set(False)
     try:
         async with asyncio.timeout(limit):
             try:
-                resp = await session.post(url, data=data, headers=headers)
+                resp = await session.post(url, data=data, headers=headers, allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
                 if isinstance(e, aiohttp.ClientConnectorError):
                     raise
-                return _STALE, None
+                if REUSED.get() and time.perf_counter() - start < _STALE_WITHIN:
+                    return _STALE, None
+                raise
             if resp.status >= 300 or not call.stream:
                 body = await resp.read()
-                return _judge_body(provider, resp, body)
-            cls, start_ = await _first_token(lease, resp)
+                return judge_body(provider, resp, body, _KEPT)
+            cls, start_ = await hold(lease, resp, call.request_id)
             handed_over = start_ is not None
             return cls, start_
     except TimeoutError as e:
-        what = "first token" if call.stream else "response"
-        if remaining <= limit:
-            return Classified(Outcome.TIMEOUT, "request deadline reached"), None
+        if remaining <= own:  # the request's own deadline, not the provider's timeout
+            return Classified(Outcome.DEADLINE, "request deadline reached"), None
         if resp is None and isinstance(e, aiohttp.ServerTimeoutError):
             return Classified(
                 Outcome.TIMEOUT, f"connect timed out after {cfg.connect_timeout:g}s"
             ), None
+        what = "first token" if call.stream else "response"
         return Classified(Outcome.TIMEOUT, f"no {what} within {limit:g}s"), None
     except (aiohttp.ClientError, OSError) as e:
         return classify_exception(e), None
@@ -324,85 +273,32 @@ async def _send(
             resp.close()
 
 
-def _judge_body(
-    provider: Provider, resp: aiohttp.ClientResponse, body: bytes
-) -> tuple[Classified, Reply | None]:
-    """Classify a complete upstream response."""
-    status = resp.status
-    if status >= 300:
-        cls = classify_response(status, body, resp.headers)
-        keep = cls.outcome in _KEPT
-        reply = Reply(provider, cls.outcome, status, resp.headers, body) if keep else None
-        return cls, reply
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return Classified(Outcome.BAD_RESPONSE, "response body is not JSON", status), None
-    if not isinstance(parsed, dict):
-        return Classified(Outcome.BAD_RESPONSE, "response body is not a JSON object", status), None
-    if "error" in parsed:
-        return classify_error_body(status, parsed), None
-    usage = parsed.get("usage")
-    reply = Reply(provider, Outcome.OK, status, resp.headers, body, usage)
-    return Classified(Outcome.OK, "", status), reply
-
-
-async def _first_token(
-    lease: Lease, resp: aiohttp.ClientResponse
-) -> tuple[Classified, StreamStart | None]:
-    """Read a stream up to its first token without showing the client anything."""
-    provider = lease.provider
-    ctype = resp.headers.get("Content-Type", "")
-    if "text/event-stream" not in ctype:
-        body = await resp.read()
-        cls, _ = _judge_body(provider, resp, body)
-        if cls.outcome is Outcome.OK:
-            cls = Classified(Outcome.BAD_RESPONSE, f"expected an event stream, got {ctype!r}")
-        return cls, None
-    parser = SSEParser(provider.max_event_bytes)
-    held: list[bytes] = []
-    content = resp.content
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            return Classified(Outcome.BAD_RESPONSE, "stream ended before the first token"), None
-        try:
-            events = parser.feed(chunk)
-        except SSEError as e:
-            return Classified(Outcome.BAD_RESPONSE, str(e)), None
-        for i, event in enumerate(events):
-            data = event.data
-            if data is None:
-                continue  # keep-alives before commit are not shown
-            if data == DONE:
-                return Classified(Outcome.BAD_RESPONSE, "stream ended before the first token"), None
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return Classified(Outcome.BAD_RESPONSE, "malformed SSE event"), None
-            if (isinstance(obj, dict) and "error" in obj) or event.name == "error":
-                return classify_error_body(200, obj), None
-            held.append(event.raw)
-            if has_output(obj):
-                start = StreamStart(provider, lease, resp, parser, held, events[i + 1 :])
-                return Classified(Outcome.OK, "", resp.status), start
+def _busy(record: AttemptRecord) -> bool:
+    """True for an attempt that says "later": rate limited, full, or open because of it."""
+    return record.outcome in (Outcome.RATE_LIMITED, Outcome.PROVIDER_FULL) or (
+        record.outcome is Outcome.BREAKER_OPEN and record.cause == Outcome.RATE_LIMITED.value
+    )
 
 
 def _give_up(call: Call, routes: list[Route[Provider]]) -> GatewayError:
     """The error for a request that no provider answered."""
-    outcomes = {r.outcome for r in call.records}
-    attempts = "; ".join(r.describe() for r in call.records) or "no provider is configured"
-    if call.records and outcomes <= {Outcome.MODEL_MISSING, Outcome.UNSUPPORTED}:
+    records = call.records
+    outcomes = {r.outcome for r in records}
+    attempts = "; ".join(r.describe() for r in records) or "no provider is configured"
+    if records and outcomes <= {Outcome.MODEL_MISSING, Outcome.UNSUPPORTED}:
         return GatewayError(
             404,
             f"The model {call.model!r} is not available on any provider. Attempts: {attempts}",
             code="model_not_found",
         )
     hints = [p.breaker.retry_in() for p in {r.provider for r in routes}]
-    hints += [r.retry_after for r in call.records if r.retry_after is not None]
+    hints += [r.retry_after for r in records if r.retry_after is not None]
     positive = [h for h in hints if h > 0]
     retry_after = max(1, math.ceil(min(positive))) if positive else 1
-    if call.records and outcomes <= {Outcome.RATE_LIMITED, Outcome.PROVIDER_FULL}:
+    candidates = [r for r in records if r.outcome not in _NOT_CANDIDATES]
+    if Outcome.DEADLINE in outcomes:
+        status, type_, code, why = _TOO_LATE
+    elif candidates and all(_busy(r) for r in candidates):
         status, type_, code, why = _ALL_BUSY
     elif asyncio.get_running_loop().time() >= call.deadline:
         status, type_, code, why = _TOO_LATE

@@ -16,13 +16,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics
 from gateway.auth import auth_middleware
+from gateway.call import Call, Reply
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.failover import Call, Reply, run
+from gateway.failover import run
 from gateway.providers import DIALECTS
-from gateway.providers.base import Provider
-from gateway.relay import SHUTDOWN_REASON, gateway_headers, relay_stream, reply_response
+from gateway.respond import SHUTDOWN_REASON, gateway_headers, reply_response
 from gateway.routing import Router
+from gateway.stream import relay
+from gateway.upstream import Provider
 
 log = logging.getLogger("gateway")
 
@@ -206,7 +208,7 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     if isinstance(answer, Reply):
         resp = reply_response(call, answer)
     else:
-        resp = await relay_stream(request, call, answer)
+        resp = await relay(request, call, answer)
     if call.failover:
         assert call.answered_by is not None
         log.info("Using %s (failover) [%s]", call.answered_by.display_name, call.request_id)

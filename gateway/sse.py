@@ -116,43 +116,6 @@ class SSEParser:
         return bytes(self._buf)
 
 
-def has_output(obj: object) -> bool:
-    """True when a chat or completion chunk carries output the client must see.
-
-    Role-only deltas do not count; content, tool calls, a refusal, completion text or a
-    ``finish_reason`` do.
-    """
-    if not isinstance(obj, dict):
-        return False
-    choices = obj.get("choices")
-    if not isinstance(choices, list):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("finish_reason") or choice.get("text"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and (
-            delta.get("content")
-            or delta.get("tool_calls")
-            or delta.get("refusal")
-            or delta.get("function_call")
-            or delta.get("reasoning_content")
-        ):
-            return True
-    return False
-
-
-def finish_reason(obj: object) -> str | None:
-    """The first ``finish_reason`` set in a chunk, if any."""
-    if isinstance(obj, dict):
-        for choice in obj.get("choices") or ():
-            if isinstance(choice, dict) and choice.get("finish_reason"):
-                return str(choice["finish_reason"])
-    return None
-
-
 def encode_data(payload: bytes) -> bytes:
     """Frame one ``data:`` event."""
     return b"data: " + payload + b"\n\n"

@@ -2,7 +2,11 @@
 
 Each request takes the next behaviour from ``script`` (or ``default`` when it is empty)
 and answers like the real APIs do: OpenAI error bodies, SSE chunks, ``Retry-After``,
-dropped connections, slow first tokens. The server counts TCP connections and notices
+dropped connections, slow first tokens. Streams come in every shape real servers send
+(:data:`SHAPES`): the finish reason on the last content chunk, empty answers, output in
+fields other than ``content``, ``n > 1`` with a choice cut short, ``"error": null``, odd
+media-type case, the body's end in a later read than ``[DONE]``, legacy completions. The
+server counts TCP connections, records the bytes of every stream it sent, and notices
 when the gateway hangs up on it.
 """
 
@@ -36,6 +40,14 @@ class Behaviour:
     chunk_delay: float = 0.0
     raw: bytes = b""  # for kind "raw_sse": bytes written after the held events
     big: int = 0  # size of one extra content chunk sent first (a huge single event)
+    # Shapes (streams unless said otherwise):
+    finish_on_last: bool = False  # finish_reason on the last content chunk, not its own
+    field: str = "content"  # the delta field that carries the output (see OUTPUT_FIELDS)
+    n: int = 1  # choices per chunk
+    cut_choice: int | None = None  # this choice never gets a finish_reason
+    error_null: bool = False  # '"error": null' in every chunk and body
+    content_type: str = "text/event-stream"
+    end_delay: float = 0.0  # seconds between [DONE] and the end of the body (a later read)
 
 
 def ok(**kw: Any) -> Behaviour:
@@ -138,9 +150,34 @@ def silent() -> Behaviour:
     return Behaviour("silent")
 
 
-def hang_up() -> Behaviour:
-    """Closes the connection before sending any response byte."""
-    return Behaviour("hang_up")
+def hang_up(after: float = 0.0) -> Behaviour:
+    """Reads the request, then closes the connection (after ``after`` seconds of silence)
+    without sending any response byte."""
+    return Behaviour("hang_up", delay=after)
+
+
+def empty(**kw: Any) -> Behaviour:
+    """An empty answer: a role chunk, then a chunk with only ``finish_reason``."""
+    return Behaviour("ok", tokens=0, **kw)
+
+
+def one_chunk(**kw: Any) -> Behaviour:
+    """The whole answer in one chunk that carries ``finish_reason`` too."""
+    return Behaviour("ok", tokens=1, finish_on_last=True, role_chunk=False, **kw)
+
+
+#: Delta fields that carry model output, and a piece of output in each.
+OUTPUT_FIELDS: dict[str, Any] = {
+    "content": "Hi",
+    "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"}}],
+    "function_call": {"name": "get_weather", "arguments": "{}"},
+    "refusal": "I can't help with that.",
+    "reasoning_content": "Thinking about it",
+    "reasoning": "Thinking about it",  # Ollama's /v1 streams thinking here
+    "audio": {"id": "audio_1", "transcript": "Hi"},
+    "brand_new_field": {"anything": 1},  # fields not invented yet count too
+}  # fmt: skip
 
 
 def sse(raw: bytes, role_chunk: bool = True) -> Behaviour:
@@ -153,27 +190,56 @@ def wrong_length() -> Behaviour:
     return Behaviour("wrong_length")
 
 
-def chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
-    """One chat.completion.chunk event, as OpenAI frames it."""
-    delta: dict[str, Any] = {}
-    if role:
-        delta["role"] = "assistant"
-        delta["content"] = ""
-    if content is not None:
-        delta["content"] = content
-    body = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
+def chunk(
+    content: Any = None,
+    finish: str | None = None,
+    role: bool = False,
+    *,
+    field: str = "content",
+    indexes: tuple[int, ...] = (0,),
+    legacy: bool = False,
+    error_null: bool = False,
+) -> bytes:
+    """One chat.completion.chunk event as OpenAI frames it (``legacy``: a text_completion
+    chunk), with a choice for each of ``indexes``; ``content`` goes in delta ``field``."""
+    choices = []
+    for index in indexes:
+        if legacy:
+            text = content if isinstance(content, str) else ""
+            choices.append({"index": index, "text": text, "logprobs": None,
+                            "finish_reason": finish})  # fmt: skip
+            continue
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+            delta["content"] = ""
+        if content is not None:
+            delta[field] = content
+        choices.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
+    body: dict[str, Any] = {
+        "id": "cmpl-fake" if legacy else "chatcmpl-fake",
+        "object": "text_completion" if legacy else "chat.completion.chunk",
         "created": 1700000000,
         "model": "fake-model",
         "system_fingerprint": "fp_fake",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": choices,
     }
+    if error_null:
+        body["error"] = None
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def completion(text: str, model: str) -> dict[str, Any]:
-    """A chat.completion body."""
+def completion(text: str, model: str, legacy: bool = False) -> dict[str, Any]:
+    """A chat.completion body (``legacy``: a text_completion body)."""
+    if legacy:
+        return {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": 1700000000,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+        }
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -206,6 +272,7 @@ class FakeUpstream:
         self.disconnects = 0  # requests the client abandoned before the response ended
         self.models_status = 200
         self.models_delay = 0.0  # seconds before answering /v1/models
+        self.sent: list[bytes] = []  # every stream's body, as written
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -286,6 +353,8 @@ class FakeUpstream:
         if b.kind == "silent":
             await asyncio.sleep(3600)
         if b.kind == "hang_up":
+            if b.delay:
+                await asyncio.sleep(b.delay)
             assert request.transport is not None
             request.transport.abort()
             await asyncio.sleep(3600)
@@ -311,27 +380,53 @@ class FakeUpstream:
             assert request.transport is not None
             request.transport.abort()
             await asyncio.sleep(3600)
+        legacy = request.path.endswith("/completions") and "chat" not in request.path
         if not body.get("stream"):
             if b.delay:
                 await asyncio.sleep(b.delay)
+            answer = completion(self.text, body["model"], legacy=legacy)
+            if b.error_null:
+                answer["error"] = None
             return web.Response(
-                body=orjson.dumps(completion(self.text, body["model"])),
+                body=orjson.dumps(answer),
                 content_type="application/json",
                 headers={"x-ratelimit-remaining-requests": "99"},
             )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        return await self._stream(request, b, legacy)
+
+    async def _stream(self, request: web.Request, b: Behaviour, legacy: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": b.content_type})
         await resp.prepare(request)
-        if b.role_chunk:
-            await resp.write(chunk(role=True))
+        sent = bytearray()
+        self.sent.append(b"")
+
+        async def write(data: bytes) -> None:
+            sent.extend(data)
+            self.sent[-1] = bytes(sent)
+            await resp.write(data)
+
+        indexes = tuple(range(b.n))
+        live = tuple(i for i in indexes if i != b.cut_choice)
+        shape = {"field": b.field, "legacy": legacy, "error_null": b.error_null}
+        if b.role_chunk and not legacy:
+            await write(chunk(role=True, indexes=indexes, error_null=b.error_null))
         if b.kind == "raw_sse":
-            await resp.write(b.raw)
+            await write(b.raw)
             return resp
         if b.delay:
             await asyncio.sleep(b.delay)
         if b.big:
-            await resp.write(chunk("x" * b.big))
+            await write(chunk("x" * b.big, indexes=indexes, **shape))
         for i in range(b.tokens):
-            await resp.write(chunk(WORDS[i % len(WORDS)]))
+            last = i == b.tokens - 1
+            piece = self._piece(b.field, i)
+            if last and b.finish_on_last and b.finish:
+                if live:
+                    await write(chunk(piece, "stop", indexes=live, **shape))
+                if b.cut_choice is not None:
+                    await write(chunk(piece, indexes=(b.cut_choice,), **shape))
+            else:
+                await write(chunk(piece, indexes=indexes, **shape))
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
         if b.kind == "drop":
@@ -340,11 +435,20 @@ class FakeUpstream:
             await asyncio.sleep(3600)
         if b.kind == "stall":
             await asyncio.sleep(3600)
-        if b.finish:
-            await resp.write(chunk(finish="stop"))
+        if b.finish and not (b.finish_on_last and b.tokens) and live:
+            await write(chunk(finish="stop", indexes=live, **shape))
         if b.done:
-            await resp.write(b"data: [DONE]\n\n")
+            await write(b"data: [DONE]\n\n")
+        if b.end_delay:
+            await asyncio.sleep(b.end_delay)  # the chunked terminator comes in a later read
         return resp
+
+    @staticmethod
+    def _piece(field: str, i: int) -> Any:
+        """The ``i``-th piece of output for delta ``field``."""
+        if field == "content":
+            return WORDS[i % len(WORDS)]
+        return OUTPUT_FIELDS[field]
 
 
 def wait_until(cond: Any, timeout: float = 5.0) -> Any:

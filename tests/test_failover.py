@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 import orjson
+from prometheus_client import REGISTRY
 
+from gateway.server import PROVIDERS
 from tests import fake_upstream as fu
 from tests.conftest import PROVIDER_KEY, chat
 
@@ -99,13 +101,59 @@ async def test_connection_refused_fails_over(gateway, upstreams, refused_url):
 
 
 async def test_hang_up_before_response_fails_over(gateway, upstreams):
+    """A server that reads the request and hangs up on a new connection is one attempt."""
     a, b = await upstreams("a"), await upstreams("b")
     a.default = fu.hang_up()
-    client = await gateway(a, b)
+    client = await gateway(a, b, max_retries=0)
     resp, _ = await post(client)
     assert resp.headers["x-gateway-provider"] == "lmstudio"
-    # resent once in case the pooled connection was stale, then failed over
-    assert len(a.requests) == 2
+    assert resp.headers["x-gateway-attempts"] == "2"
+    assert len(a.requests) == 1  # a POST is sent once per attempt
+
+
+async def test_silent_then_hang_up_is_one_attempt(gateway, upstreams):
+    a, b = await upstreams("a"), await upstreams("b")
+    a.default = fu.hang_up(after=0.5)
+    client = await gateway(a, b, max_retries=0)
+    resp, _ = await post(client)
+    assert resp.headers["x-gateway-provider"] == "lmstudio"
+    assert len(a.requests) == 1
+
+
+async def test_stale_pooled_connection_is_resent_once_visibly(gateway, upstreams):
+    """A pooled connection that fails before any response byte: resent once, not a
+    failure of the provider, and shown in the attempts and the metrics."""
+    a, b = await upstreams("a"), await upstreams("b")
+    client = await gateway(a, b, max_retries=0, fail_max=1)
+    before = (
+        REGISTRY.get_sample_value(
+            "gateway_upstream_attempts_total", {"provider": "openai", "outcome": "stale_connection"}
+        )
+        or 0.0
+    )
+    await post(client)  # leaves a kept-alive connection in the pool
+    assert a.connections == 1
+    a.then(fu.hang_up(), fu.ok())  # the pooled connection dies under the next request
+    resp, body = await post(client)
+    assert resp.status == 200
+    assert resp.headers["x-gateway-provider"] == "openai"
+    assert resp.headers["x-gateway-attempts"] == "2"
+    assert len(a.requests) == 3 and a.connections == 2
+    assert client.app[PROVIDERS]["openai"].breaker.fail_counter == 0
+    after = REGISTRY.get_sample_value(
+        "gateway_upstream_attempts_total", {"provider": "openai", "outcome": "stale_connection"}
+    )
+    assert after == before + 1
+
+
+async def test_pooled_connection_failing_twice_is_not_resent_again(gateway, upstreams):
+    a, b = await upstreams("a"), await upstreams("b")
+    client = await gateway(a, b, max_retries=0)
+    await post(client)
+    a.default = fu.hang_up()
+    resp, _ = await post(client)
+    assert resp.headers["x-gateway-provider"] == "lmstudio"
+    assert len(a.requests) == 3  # the first answer, then the request and one resend
 
 
 async def test_auth_failed_fails_over(gateway, upstreams):

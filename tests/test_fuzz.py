@@ -251,7 +251,9 @@ def check_answer(ans: Answer, path: str, stream: bool) -> None:
         assert ans.body.rstrip().endswith(b"data: [DONE]"), ans.body[-200:]
         return
     body = orjson.loads(ans.body)
-    expected = "list" if path == "/v1/embeddings" else "chat.completion"
+    expected = {"/v1/embeddings": "list", "/v1/completions": "text_completion"}.get(
+        path, "chat.completion"
+    )
     assert body["object"] == expected, body
 
 

@@ -102,7 +102,7 @@ async def test_one_deadline_covers_every_provider(gateway, upstreams):
     assert resp.status == 504
     err = orjson.loads(body)["error"]
     assert err["code"] == "request_timeout"
-    assert "OpenAI: timeout (request deadline reached)" in err["message"]
+    assert "OpenAI: deadline (request deadline reached)" in err["message"]
     assert b.requests == []  # the deadline was spent on the first provider
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.sse import SSEError, SSEParser, has_output
+from gateway.sse import SSEError, SSEParser
 
 
 def feed_all(parser, pieces):
@@ -54,20 +54,3 @@ def test_large_event_under_cap():
     big = b"x" * 600_000
     events = SSEParser(max_event_bytes=1 << 20).feed(b"data: " + big + b"\n\n")
     assert events[0].data == big
-
-
-@pytest.mark.parametrize(
-    ("chunk", "expected"),
-    [
-        ({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, False),
-        ({"choices": [{"delta": {"content": "Hi"}}]}, True),
-        ({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]}, True),
-        ({"choices": [{"delta": {"refusal": "No"}}]}, True),
-        ({"choices": [{"delta": {}, "finish_reason": "stop"}]}, True),
-        ({"choices": [{"text": "Hi", "index": 0}]}, True),
-        ({"choices": [], "usage": {"total_tokens": 3}}, False),
-        ([1, 2], False),
-    ],
-)
-def test_has_output(chunk, expected):
-    assert has_output(chunk) is expected

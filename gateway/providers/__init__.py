@@ -1,4 +1,4 @@
-"""Upstream API dialects, and the runtime state of each configured provider.
+"""Upstream API dialects: how the gateway speaks to each kind of provider.
 
 A new dialect is one module here and one line in :data:`DIALECTS`.
 """

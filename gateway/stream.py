@@ -1,0 +1,416 @@
+"""One upstream answer, judged: a complete body, or a stream from its first byte to its last.
+
+A stream has one :class:`StreamState`, fed every event exactly once, before commit and
+after it alike, so an answer whose first output event is also its last (an empty answer,
+a one-chunk answer) is judged by the same rules as a long one:
+
+* :func:`hold` reads events without showing the client anything until the first event
+  that carries output; any failure before that is the attempt's, and the loop fails over;
+* :func:`relay` commits (status, headers, the held events) and pipes the rest as the
+  bytes it came in as, one ``write()`` per upstream read; a failure after commit ends the
+  stream with one error event and no ``[DONE]``.
+
+A stream is complete when every choice index that appeared has its ``finish_reason``
+(``n > 1`` included); a complete stream without ``[DONE]`` gets one from the gateway.
+After ``[DONE]`` the upstream body is read to its end (briefly) so that its connection
+goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import metrics
+from gateway.call import Call, Reply, StreamStart
+from gateway.errors import (
+    Classified,
+    Outcome,
+    classify_error_body,
+    classify_exception,
+    classify_response,
+)
+from gateway.respond import SHUTDOWN_REASON, sse_headers
+from gateway.sse import DONE, DONE_EVENT, Event, SSEError, SSEParser, error_event
+from gateway.upstream import Lease, Provider
+
+log = logging.getLogger("gateway")
+
+# After [DONE], how long and how much the rest of the upstream body may take to arrive
+# (the chunked terminator, usually) before the connection is closed instead of pooled.
+_DRAIN_SECONDS = 1.0
+_DRAIN_BYTES = 64 * 1024
+# Delta fields that say who speaks, not what is said.
+_NOT_OUTPUT = frozenset({"role"})
+
+
+def has_output(choice: dict[str, Any]) -> bool:
+    """True when a streamed choice carries something the model produced.
+
+    Any non-empty delta field but ``role`` counts (``content``, ``tool_calls``,
+    ``reasoning_content``, Ollama's ``reasoning``, ``audio``, fields not invented yet), as
+    do legacy ``text`` and a ``finish_reason``.
+    """
+    if choice.get("finish_reason") or choice.get("text"):
+        return True
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        for key, value in delta.items():
+            if key not in _NOT_OUTPUT and value is not None and value not in ("", [], {}):
+                return True
+    return False
+
+
+class StreamState:
+    """What one upstream stream has said so far, judged event by event."""
+
+    __slots__ = (
+        "done",
+        "failure",
+        "finished",
+        "output",
+        "provider",
+        "request_id",
+        "seen",
+        "usage",
+    )
+
+    def __init__(self, provider: str, request_id: str) -> None:
+        self.provider = provider
+        self.request_id = request_id
+        self.seen: set[int] = set()  # choice indexes that appeared
+        self.finished: set[int] = set()  # choice indexes with a finish_reason
+        self.output = False  # the first output event has been seen: the stream commits
+        self.done = False  # ended complete; nothing more goes to the client
+        self.failure: Classified | None = None
+        self.usage: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when every choice that appeared has finished."""
+        return bool(self.finished) and self.finished >= self.seen
+
+    def take(self, events: list[Event], out: list[bytes]) -> None:
+        """Judge ``events`` in order, appending the bytes the client gets to ``out``.
+
+        Stops at ``[DONE]`` or at the first failure (kept in :attr:`failure`).
+        """
+        for event in events:
+            if self.done or self.failure is not None:
+                return
+            data = event.data
+            if data is None:
+                if self.output:  # keep-alives keep the client's connection open too
+                    out.append(event.raw)
+                continue
+            if data == DONE:
+                if self.complete:
+                    self.done = True
+                    out.append(event.raw)
+                else:  # e.g. llama.cpp interrupted: a cut, not a complete answer
+                    self._cut("[DONE] came before every choice had a finish_reason")
+                return
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                if not self.output:
+                    self.failure = Classified(Outcome.BAD_RESPONSE, "malformed SSE event")
+                    return
+                # After commit a bad event is dropped so that the client's stream stays
+                # well-formed; it cannot change the outcome.
+                metrics.DROPPED_EVENTS.labels(self.provider).inc()
+                log.warning("dropped a malformed stream event [%s]", self.request_id)
+                continue
+            if event.name == "error" or (isinstance(obj, dict) and obj.get("error") is not None):
+                self.failure = classify_error_body(200, obj if isinstance(obj, dict) else {})
+                return
+            if isinstance(obj, dict):
+                self._note(obj)
+            out.append(event.raw)
+
+    def _note(self, obj: dict[str, Any]) -> None:
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                index = choice.get("index", 0)
+                if not isinstance(index, int):
+                    index = 0
+                self.seen.add(index)
+                if choice.get("finish_reason"):
+                    self.finished.add(index)
+                    self.output = True
+                elif not self.output and has_output(choice):
+                    self.output = True
+        usage = obj.get("usage")
+        if isinstance(usage, dict) and usage:
+            self.usage = usage
+
+    def end(self, out: list[bytes]) -> None:
+        """The upstream body ended: complete (``[DONE]`` added if missing), or cut."""
+        if self.done or self.failure is not None:
+            return
+        if self.complete:
+            self.done = True
+            out.append(DONE_EVENT)
+        else:
+            self._cut("stream ended before every choice had a finish_reason")
+
+    def fail(self, why: Classified) -> None:
+        """Reading failed (timeout, lost connection) before the stream ended."""
+        if not self.done and self.failure is None:
+            self.failure = why
+
+    def _cut(self, detail: str) -> None:
+        if not self.output:
+            detail = "stream ended before the first token"
+        self.failure = Classified(Outcome.BAD_RESPONSE, detail)
+
+
+# -- judging an answer ---------------------------------------------------------------
+
+
+def judge_body(
+    provider: Provider, resp: aiohttp.ClientResponse, body: bytes, keep: frozenset[Outcome]
+) -> tuple[Classified, Reply | None]:
+    """Classify a complete upstream response; a Reply when its outcome is in ``keep``."""
+    status = resp.status
+    if 300 <= status < 400:  # redirects are never followed: the prompt stays where it was sent
+        return Classified(Outcome.BAD_RESPONSE, f"redirect ({status}) not followed", status), None
+    if status >= 400:
+        cls = classify_response(status, body, resp.headers)
+        reply = Reply(provider, cls.outcome, status, resp.headers, body)
+        return cls, reply if cls.outcome in keep else None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Classified(Outcome.BAD_RESPONSE, "response body is not JSON", status), None
+    if not isinstance(parsed, dict):
+        return Classified(Outcome.BAD_RESPONSE, "response body is not a JSON object", status), None
+    if parsed.get("error") is not None:
+        return classify_error_body(status, parsed), None
+    usage = parsed.get("usage")
+    reply = Reply(provider, Outcome.OK, status, resp.headers, body, usage)
+    return Classified(Outcome.OK, "", status), reply
+
+
+async def hold(
+    lease: Lease, resp: aiohttp.ClientResponse, request_id: str
+) -> tuple[Classified, StreamStart | None]:
+    """Read a 2xx stream up to its first output event without showing the client anything."""
+    provider = lease.provider
+    if resp.content_type != "text/event-stream":
+        body = await resp.read()
+        cls, _ = judge_body(provider, resp, body, frozenset())
+        if cls.outcome is Outcome.OK:
+            what = resp.headers.get("Content-Type", "")
+            cls = Classified(Outcome.BAD_RESPONSE, f"expected an event stream, got {what!r}")
+        return cls, None
+    parser = SSEParser(provider.max_event_bytes)
+    state = StreamState(provider.name, request_id)
+    held: list[bytes] = []
+    held_bytes = 0
+    content = resp.content
+    while not state.output:
+        chunk = await content.readany()
+        try:
+            if chunk:
+                state.take(parser.feed(chunk), held)
+            else:
+                state.take(parser.finish(), held)
+                state.end(held)
+        except SSEError as e:
+            state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
+        if state.failure is not None and not state.output:
+            return state.failure, None
+        held_bytes += len(chunk)
+        if held_bytes > provider.max_held_bytes and not state.output:
+            detail = f"no token in the first {provider.max_held_bytes} bytes"
+            return Classified(Outcome.BAD_RESPONSE, detail), None
+    lease.commit()
+    return Classified(Outcome.OK, "", resp.status), StreamStart(
+        provider, lease, resp, parser, state, held
+    )
+
+
+# -- the relay -----------------------------------------------------------------------
+
+
+async def relay(request: web.Request, call: Call, start: StreamStart) -> web.StreamResponse:
+    """Commit ``start`` to the client and pipe the rest of the upstream stream."""
+    provider = start.provider
+    upstream = start.resp
+    state = start.state
+    call.answered_by = provider
+    call.status = 200
+    resp = web.StreamResponse(status=200, headers=sse_headers(call))
+    outcome, detail = Outcome.CANCELLED, ""
+    try:
+        await resp.prepare(request)
+        call.first_token_at = time.perf_counter()
+        await _pipe(resp, call, start)
+        if state.failure is not None:
+            outcome, detail = state.failure.outcome, state.failure.detail
+            call.result = f"cut:{outcome.value}"
+        else:
+            outcome = Outcome.OK
+            call.result = Outcome.OK.value
+        await resp.write_eof()
+        if state.done:
+            await _drain(upstream)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        _client_left(call)
+    except asyncio.CancelledError as e:
+        if e.args != (SHUTDOWN_REASON,):
+            _client_left(call)
+            raise
+        # The client is still there: tell it why its stream ends here.
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        call.result = "shutdown"
+        outcome = Outcome.CANCELLED
+        message = "The gateway is shutting down; the answer is incomplete."
+        try:
+            async with asyncio.timeout(1):
+                await resp.write(error_event(message, "server_error", "shutting_down"))
+                await resp.write_eof()
+        except (TimeoutError, ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+    finally:
+        call.usage = state.usage
+        start.lease.finish(outcome, detail)
+        upstream.close()  # a no-op when the body was read to its end (back in the pool)
+    return resp
+
+
+async def _drain(upstream: aiohttp.ClientResponse) -> None:
+    """Read what follows ``[DONE]`` (the chunked terminator) so the connection is pooled."""
+    content = upstream.content
+    seen = 0
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            while seen <= _DRAIN_BYTES:
+                piece = await content.readany()
+                if not piece:
+                    return
+                seen += len(piece)
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        pass  # the connection is closed instead of pooled
+
+
+async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> None:
+    """Forward events until the stream ends; its failure, if any, is in the state."""
+    provider = start.provider
+    state = start.state
+    parser = start.parser
+    content = start.resp.content
+    loop = asyncio.get_running_loop()
+    watchdog = _Watchdog(provider.config.idle_timeout, call.deadline)
+    parts = start.held
+    try:
+        while True:
+            failure = state.failure
+            if failure is not None:
+                message = (
+                    f"{provider.display_name} stream failed after the first token: {failure.detail}"
+                )
+                log.warning("%s [%s]", message, call.request_id)
+                parts.append(error_event(message, code="stream_interrupted"))
+            if parts:
+                t0 = time.perf_counter()
+                await resp.write(b"".join(parts))
+                blocked = time.perf_counter() - t0
+                if blocked > 0.001:  # waited for a slow client to drain: not the gateway's cost
+                    call.waited += blocked
+                parts = []
+            if failure is not None or state.done:
+                return
+            t0 = time.perf_counter()
+            now = loop.time()
+            chunk = b""
+            if now >= call.deadline:
+                state.fail(_DEADLINE)
+            else:
+                watchdog.read_since = now
+                try:
+                    chunk = await content.readany()
+                except asyncio.CancelledError:
+                    if not watchdog.fired:
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    state.fail(watchdog.reason())
+                except (aiohttp.ClientError, OSError) as e:
+                    state.fail(classify_exception(e))
+                watchdog.read_since = None
+            call.waited += time.perf_counter() - t0
+            if state.failure is not None:
+                continue
+            try:
+                if chunk:
+                    state.take(parser.feed(chunk), parts)
+                else:
+                    state.take(parser.finish(), parts)
+                    state.end(parts)
+            except SSEError as e:
+                state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
+    finally:
+        watchdog.cancel()
+
+
+_DEADLINE = Classified(Outcome.DEADLINE, "request deadline reached")
+
+
+class _Watchdog:
+    """Cancels the relay's task when a read waits past ``idle`` seconds or the deadline.
+
+    One timer per idle period instead of an ``asyncio.timeout`` per read (about 5 us
+    each): a read only stamps ``read_since``.
+    """
+
+    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "_task", "fired", "read_since")
+
+    def __init__(self, idle: float, deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._idle = idle
+        self._deadline = deadline
+        self.read_since: float | None = None  # loop time at which the pending read began
+        self.fired = False
+        self._handle = self._loop.call_at(min(self._loop.time() + idle, deadline), self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.read_since
+        if since is None:  # between reads: look again later (a read checks the deadline)
+            when = min(now + self._idle, self._deadline)
+            if when <= now:
+                when = now + self._idle
+        else:
+            when = min(since + self._idle, self._deadline)
+            if now >= when:
+                self.fired = True
+                assert self._task is not None
+                self._task.cancel()
+                return
+        self._handle = self._loop.call_at(when, self._check)
+
+    def reason(self) -> Classified:
+        """Why it fired: the request's own deadline (not the provider's fault), or idling."""
+        if self._loop.time() >= self._deadline:
+            return _DEADLINE
+        return Classified(Outcome.TIMEOUT, f"no event for {self._idle:g}s")
+
+    def cancel(self) -> None:
+        """Stop watching."""
+        self._handle.cancel()
+
+
+def _client_left(call: Call) -> None:
+    call.result = Outcome.CANCELLED.value
+    metrics.CLIENT_DISCONNECTS.inc()

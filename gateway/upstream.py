@@ -1,0 +1,218 @@
+"""A configured provider at run time: session, breaker, prober, limiter, and the lease
+that admits one attempt.
+
+``providers/`` holds the API dialects only; this module holds what the gateway keeps per
+configured provider for the life of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from contextvars import ContextVar
+from typing import Any
+
+import aiohttp
+from aiobreaker import CircuitBreakerListener
+
+from breakers import Cause, Permit, Prober, ProbeResult, ProviderBreaker, State
+from breakers.breaker import state_of
+from gateway import metrics
+from gateway.config import ProviderConfig
+from gateway.errors import POLICY, BreakerEffect, Outcome
+from gateway.limits import Limiter
+from gateway.providers import Dialect
+
+log = logging.getLogger("gateway")
+
+#: Set by the connector for the request being sent in this task: True when its
+#: connection came from the pool (it may have been closed by the server meanwhile).
+REUSED: ContextVar[bool] = ContextVar("gateway_connection_reused", default=False)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A connector that tells whether a request got a pooled connection.
+
+    aiohttp does not resend a POST when a kept-alive connection turns out to be closed;
+    the failover loop does, once, but only for a connection that came from the pool.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: Any,
+        traces: Any,
+        timeout: Any,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> aiohttp.connector.Connection:
+        """Get a connection, noting in :data:`REUSED` whether it had served before."""
+        conn = await super().connect(req, traces, timeout)
+        proto = conn.protocol
+        REUSED.set(proto in self._used)
+        self._used.add(proto)
+        return conn
+
+
+class _BreakerMetrics(CircuitBreakerListener):
+    """Mirrors breaker transitions into Prometheus and the log."""
+
+    def __init__(self, provider: str, display_name: str) -> None:
+        self.provider = provider
+        self.display_name = display_name
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        old, new = state_of(old_state), state_of(new_state)
+        metrics.BREAKER_STATE.labels(self.provider).set(metrics.BREAKER_STATE_VALUES[new])
+        metrics.BREAKER_TRANSITIONS.labels(self.provider, old.value, new.value).inc()
+        level = logging.WARNING if new is State.OPEN else logging.INFO
+        log.log(level, "%s circuit breaker %s -> %s", self.display_name, old.value, new.value)
+
+
+class Provider:
+    """A configured provider: its session, breaker, prober, limiter and load."""
+
+    def __init__(self, config: ProviderConfig, dialect: Dialect, max_event_bytes: int) -> None:
+        self.config = config
+        self.name = config.name
+        self.display_name = config.display_name
+        self.dialect = dialect
+        self.max_event_bytes = max_event_bytes
+        # Events held before the first token: a few large ones fit, an endless preamble not.
+        self.max_held_bytes = 4 * max_event_bytes
+        self.headers = dialect.headers(config.api_key)
+        self.breaker = ProviderBreaker(
+            config.name,
+            config.fail_max,
+            config.reset_timeout,
+            listeners=[_BreakerMetrics(config.name, config.display_name)],
+        )
+        self.limiter = Limiter(config.max_concurrency, config.max_queue)
+        self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
+        self.session: aiohttp.ClientSession | None = None
+        self.prober: Prober | None = None
+        metrics.BREAKER_STATE.labels(self.name).set(0)
+
+    async def start(self, probes: bool = True) -> None:
+        """Open the session (one per provider, kept for the process) and start probing."""
+        cfg = self.config
+        connector = _Connector(
+            limit=cfg.max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+            ssl=None if cfg.verify_tls else False,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            # Every limit set on purpose: aiohttp's 300 s total would cut long generations;
+            # the gateway bounds each phase itself with asyncio.timeout.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=cfg.connect_timeout, sock_read=None
+            ),
+            auto_decompress=True,
+            trust_env=False,
+        )
+        self.prober = Prober(
+            self.name,
+            self.session,
+            self.dialect.models_url(cfg.base_url),
+            self.breaker,
+            interval=cfg.probe_interval,
+            timeout=cfg.probe_timeout,
+            headers=self.headers,
+            on_result=self._on_probe,
+            busy=lambda: self.inflight > 0,
+        )
+        if probes:
+            self.prober.start()
+
+    async def close(self) -> None:
+        """Stop probing and close the session."""
+        if self.prober is not None:
+            await self.prober.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    def _on_probe(self, result: ProbeResult) -> None:
+        if not result.inconclusive:
+            metrics.PROVIDER_UP.labels(self.name).set(0 if result.error else 1)
+        metrics.PROBE_DURATION.labels(self.name).observe(result.latency)
+
+    @property
+    def loaded_models(self) -> frozenset[str] | None:
+        """Models the last good probe listed, or None before any good probe."""
+        return self.prober.models if self.prober is not None else None
+
+    def lacks_model(self, model: str) -> bool:
+        """True when the probe shows that ``model`` is not loaded here.
+
+        Only providers with a configured upstream model are judged: hosted APIs accept
+        names and aliases their list does not show.
+        """
+        models = self.loaded_models
+        if self.config.model is None or not models:
+            return False
+        return model not in models and f"{model}:latest" not in models
+
+    @property
+    def inflight(self) -> int:
+        """Requests holding a slot here: sending, or streaming from this provider."""
+        return self.limiter.in_use
+
+    def usable(self) -> bool:
+        """True while a request could be sent now (breaker not open)."""
+        return self.breaker.state is not State.OPEN
+
+
+class Lease:
+    """One request's hold on a provider: breaker permit, concurrency slot, in-flight count.
+
+    :meth:`finish` gives the breaker its verdict and frees everything, exactly once.
+    """
+
+    __slots__ = ("_slot", "permit", "provider")
+
+    def __init__(self, provider: Provider, permit: Permit) -> None:
+        self.provider = provider
+        self.permit = permit
+        self._slot = False
+
+    def hold_slot(self) -> None:
+        """Record that a limiter slot was taken (freed by :meth:`finish`)."""
+        self._slot = True
+        self.provider.inflight_gauge.inc()
+
+    def judge(self, outcome: Outcome, open_for: float | None = None, detail: str = "") -> None:
+        """Tell the breaker how the request went, keeping the slot."""
+        breaker = self.provider.breaker
+        effect = POLICY[outcome].breaker
+        if effect is BreakerEffect.SUCCESS:
+            breaker.record_success(self.permit)
+        elif effect is BreakerEffect.FAILURE:
+            breaker.record_failure(self.permit, open_for, Cause(outcome.value, detail))
+        else:
+            breaker.release(self.permit)
+
+    def commit(self) -> None:
+        """A stream reached its first token.
+
+        A half-open trial is judged now, so that one long generation does not keep the
+        provider half-open (closed to every other request) for minutes; the end of the
+        stream is then judged like any other request's.
+        """
+        permit = self.permit
+        if permit.trial:
+            breaker = self.provider.breaker
+            breaker.record_success(permit)
+            self.permit = breaker.try_acquire() or permit
+
+    def finish(self, outcome: Outcome, detail: str = "") -> None:
+        """Judge the request and free its slot; later calls do nothing."""
+        self.judge(outcome, None, detail)
+        if self._slot:
+            self._slot = False
+            provider = self.provider
+            provider.inflight_gauge.dec()
+            provider.limiter.release()
