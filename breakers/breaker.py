@@ -154,6 +154,10 @@ class ProviderBreaker:
             state = State.HALF_OPEN
         return state
 
+    def open_remaining(self) -> float:
+        """Seconds left of the current open period (0 when none is running)."""
+        return max(0.0, self._open_until - self._clock())
+
     def retry_in(self) -> float:
         """Seconds until this breaker may admit a request (0 when it would now)."""
         state = self.state

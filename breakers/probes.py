@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from breakers.breaker import ProviderBreaker
+from breakers.breaker import Cause, ProviderBreaker
 
 log = logging.getLogger("breakers.probes")
 
@@ -65,6 +65,7 @@ class Prober:
         self._on_result = on_result
         self._busy = busy
         self._task: asyncio.Task[None] | None = None
+        self.first = asyncio.Event()  # set once the first probe has a result
 
     async def probe_once(self) -> ProbeResult:
         """Probe now, feed the breaker, and return what was seen."""
@@ -104,9 +105,11 @@ class Prober:
             self.models = models
             self.breaker.probe_succeeded()
         elif not inconclusive:
-            self.breaker.probe_failed(unreachable=refused)
+            kind = "unreachable" if refused else "probe failed"
+            self.breaker.probe_failed(unreachable=refused, cause=Cause(kind, error))
         if self._on_result is not None:
             self._on_result(result)
+        self.first.set()
         return result
 
     def start(self) -> None:

@@ -21,6 +21,7 @@ from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.failover import run
 from gateway.providers import DIALECTS
+from gateway.report import log_after_first_probes
 from gateway.respond import SHUTDOWN_REASON, gateway_headers, reply_response
 from gateway.routing import Router
 from gateway.stream import relay
@@ -367,6 +368,9 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         for provider in providers.values():
             await provider.start(probes=probes)
         app[PROVIDERS] = providers
+        report = None
+        if probes:
+            report = asyncio.create_task(log_after_first_probes(list(providers.values())))
         router = Router(
             list(providers.values()),
             {p.name: p.config.model for p in providers.values()},
@@ -377,6 +381,8 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         try:
             yield
         finally:
+            if report is not None:
+                report.cancel()
             for provider in providers.values():
                 await provider.close()
 

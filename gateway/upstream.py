@@ -56,18 +56,31 @@ class _Connector(aiohttp.TCPConnector):
 
 
 class _BreakerMetrics(CircuitBreakerListener):
-    """Mirrors breaker transitions into Prometheus and the log."""
+    """Mirrors breaker transitions into Prometheus and the log, with their cause."""
 
-    def __init__(self, provider: str, display_name: str) -> None:
+    def __init__(self, provider: str, display_name: str, where: str) -> None:
         self.provider = provider
         self.display_name = display_name
+        self.where = where
+        self.breaker: ProviderBreaker | None = None
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         old, new = state_of(old_state), state_of(new_state)
         metrics.BREAKER_STATE.labels(self.provider).set(metrics.BREAKER_STATE_VALUES[new])
         metrics.BREAKER_TRANSITIONS.labels(self.provider, old.value, new.value).inc()
-        level = logging.WARNING if new is State.OPEN else logging.INFO
-        log.log(level, "%s circuit breaker %s -> %s", self.display_name, old.value, new.value)
+        breaker = self.breaker
+        if new is State.OPEN and breaker is not None:
+            # Once per opening: what failed, where, and what the gateway does about it.
+            log.warning(
+                "%s circuit breaker %s -> open: %s at %s; requests skip it for %.0fs",
+                self.display_name,
+                old.value,
+                breaker.cause or "failures",
+                self.where,
+                breaker.open_remaining(),
+            )
+        else:
+            log.info("%s circuit breaker %s -> %s", self.display_name, old.value, new.value)
 
 
 class Provider:
@@ -82,12 +95,11 @@ class Provider:
         # Events held before the first token: a few large ones fit, an endless preamble not.
         self.max_held_bytes = 4 * max_event_bytes
         self.headers = dialect.headers(config.api_key)
+        listener = _BreakerMetrics(config.name, config.display_name, config.base_url)
         self.breaker = ProviderBreaker(
-            config.name,
-            config.fail_max,
-            config.reset_timeout,
-            listeners=[_BreakerMetrics(config.name, config.display_name)],
+            config.name, config.fail_max, config.reset_timeout, listeners=[listener]
         )
+        listener.breaker = self.breaker
         self.limiter = Limiter(config.max_concurrency, config.max_queue)
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
         self.session: aiohttp.ClientSession | None = None

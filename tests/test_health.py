@@ -152,9 +152,23 @@ async def test_all_open_answers_at_once_with_retry_after(gateway, upstreams):
     assert set((await ready.json())["providers"]) == {"openai", "lmstudio"}
 
 
-async def test_readyz_ok_while_one_provider_usable(gateway, upstreams):
+async def test_readyz_ok_while_one_provider_usable(gateway, upstreams, refused_url):
     a = await upstreams("a")
-    client = await gateway(a)
+    client = await gateway(
+        refused_url, a, probes=True, probe_interval=0.05, fail_max=1, reset_timeout=60
+    )
+    ps = providers(client)
+    await wait_until(lambda: ps["openai"].breaker.state is State.OPEN)
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert (await resp.json())["provider"] == "lmstudio"  # the first usable one
+    await a.stop()
+    await wait_until(lambda: ps["lmstudio"].breaker.state is State.OPEN)
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert set((await resp.json())["providers"]) == {"openai", "lmstudio"}
+    await a.start(port=a.port)
+    await wait_until(lambda: ps["lmstudio"].usable())
     resp = await client.get("/readyz")
     assert resp.status == 200
 

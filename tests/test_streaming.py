@@ -89,7 +89,7 @@ async def test_connection_refused_before_stream(gateway, upstreams, refused_url)
     client = await gateway(refused_url, b)
     resp, datas, done = await stream(client)
     assert resp.headers["x-gateway-provider"] == "lmstudio"
-    assert done
+    assert done and text_of(datas) == b.text
 
 
 async def test_drop_after_200_before_any_token(gateway, upstreams):
@@ -108,6 +108,7 @@ async def test_role_only_chunk_then_drop_fails_over(gateway, upstreams):
     client = await gateway(a, b)
     resp, datas, done = await stream(client)
     assert resp.headers["x-gateway-provider"] == "lmstudio"
+    assert done and text_of(datas) == b.text
     assert [d["choices"][0]["delta"].get("role") for d in datas].count("assistant") == 1
 
 
@@ -117,7 +118,8 @@ async def test_stream_ending_early_without_token_fails_over(gateway, upstreams):
     client = await gateway(a, b)
     resp, datas, done = await stream(client)
     assert resp.headers["x-gateway-provider"] == "lmstudio"
-    assert done
+    assert done and text_of(datas) == b.text
+    assert len(datas) == len(fu.WORDS) + 2  # nothing of the failed attempt leaked
 
 
 async def test_slow_first_token_fails_over(gateway, upstreams):
@@ -136,7 +138,7 @@ async def test_malformed_sse_before_token_fails_over(gateway, upstreams):
     client = await gateway(a, b)
     resp, datas, done = await stream(client)
     assert resp.headers["x-gateway-provider"] == "lmstudio"
-    assert done
+    assert done and text_of(datas) == b.text
 
 
 async def test_error_event_before_token_fails_over(gateway, upstreams):
@@ -147,7 +149,7 @@ async def test_error_event_before_token_fails_over(gateway, upstreams):
     client = await gateway(a, b)
     resp, datas, done = await stream(client)
     assert resp.headers["x-gateway-provider"] == "lmstudio"
-    assert done
+    assert done and text_of(datas) == b.text
 
 
 async def test_bad_request_stream_is_not_failed_over(gateway, upstreams):
@@ -195,6 +197,7 @@ async def test_missing_done_after_finish_is_completed(gateway, upstreams):
     resp, datas, done = await stream(client)
     assert done
     assert not any("error" in d for d in datas)
+    assert text_of(datas) == a.text
 
 
 async def test_end_without_finish_reason_is_an_error(gateway, upstreams):
@@ -204,6 +207,7 @@ async def test_end_without_finish_reason_is_an_error(gateway, upstreams):
     resp, datas, done = await stream(client)
     assert not done
     assert datas[-1]["error"]["code"] == "stream_interrupted"
+    assert text_of(datas[:-1]) == a.text
 
 
 async def test_malformed_event_after_commit_is_dropped(gateway, upstreams):

@@ -1,0 +1,54 @@
+"""The providers at a glance, for the log: one line each after the first round of probes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from breakers import State
+from gateway.upstream import Provider
+
+log = logging.getLogger("gateway")
+
+
+def provider_status(provider: Provider) -> tuple[bool, str]:
+    """(usable, why) for ``provider`` as its breaker and last probe see it."""
+    breaker = provider.breaker
+    prober = provider.prober
+    last = prober.last if prober is not None else None
+    if breaker.state is State.OPEN:
+        cause = breaker.cause or (last.error if last is not None else None) or "failures"
+        return False, f"not usable: {cause}; skipped for {breaker.retry_in():.0f}s"
+    if last is None:
+        return True, "usable (no probe answer yet)"
+    if last.error is not None:
+        return True, f"usable, but its probe failed: {last.error}"
+    model = provider.config.model
+    if model is not None and provider.lacks_model(model):
+        loaded = ", ".join(sorted(provider.loaded_models or ())) or "none"
+        return True, f"reachable, but model {model!r} is not loaded (loaded: {loaded})"
+    return True, "usable"
+
+
+async def log_after_first_probes(providers: Sequence[Provider]) -> None:
+    """Wait (bounded) for every provider's first probe, then log one line per provider."""
+    probers = [p.prober for p in providers if p.prober is not None]
+    bound = max((p.config.probe_timeout for p in providers), default=0.0) + 1.0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(bound):
+            await asyncio.gather(*(prober.first.wait() for prober in probers))
+    for i, provider in enumerate(providers, 1):
+        usable, why = provider_status(provider)
+        model = provider.config.model or "(the client's)"
+        log.log(
+            logging.INFO if usable else logging.WARNING,
+            "provider %d/%d: %s at %s, model %s: %s",
+            i,
+            len(providers),
+            provider.display_name,
+            provider.config.base_url,
+            model,
+            why,
+        )
