@@ -18,6 +18,8 @@ from breakers.breaker import Cause, ProviderBreaker
 
 log = logging.getLogger("breakers.probes")
 
+_MAX_BODY = 8 << 20  # a model list with details for hundreds of models fits easily
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
@@ -78,10 +80,13 @@ class Prober:
                 self.url,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
+                allow_redirects=False,  # a model list elsewhere says nothing of this provider
             ) as resp:
-                body = await resp.read()
+                body = await resp.content.read(_MAX_BODY + 1)
             if resp.status != 200:
                 error = f"HTTP {resp.status}"
+            elif len(body) > _MAX_BODY:
+                error = f"model list larger than {_MAX_BODY} bytes"
             else:
                 models = _model_ids(body)
                 if models is None:

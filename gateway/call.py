@@ -51,6 +51,7 @@ class Call:
     stream: bool
     request_id: str
     deadline: float  # event-loop time
+    deadline_chosen: bool = False  # the client set it (x-gateway-timeout)
     started: float = field(default_factory=time.perf_counter)
     waited: float = 0.0  # seconds spent waiting on upstreams, backoff and queues
     records: list[AttemptRecord] = field(default_factory=list)

@@ -89,6 +89,11 @@ class Settings:
     max_request_timeout: float = 600.0
     max_body_bytes: int = 8 * MiB
     max_event_bytes: int = 1 * MiB
+    max_held_bytes: int = 4 * MiB  # a stream's events before its first token
+    max_response_bytes: int = 32 * MiB  # a non-streaming answer, decompressed
+    send_timeout: float = 60.0  # a write to a client that stopped reading (nginx's value)
+    max_stream_duration: float = 1800.0  # a committed stream, unless the client set a deadline
+    pass_ratelimit_headers: bool = True  # relay upstream x-ratelimit-* headers to clients
     log_level: str = "INFO"
     access_log: bool = False
     shutdown_grace: float = 30.0
@@ -113,6 +118,11 @@ _GATEWAY_FIELDS = {
     "max_request_timeout": "float",
     "max_body_bytes": "int",
     "max_event_bytes": "int",
+    "max_held_bytes": "int",
+    "max_response_bytes": "int",
+    "send_timeout": "float",
+    "max_stream_duration": "float",
+    "pass_ratelimit_headers": "bool",
     "log_level": "str",
     "access_log": "bool",
     "shutdown_grace": "float",
@@ -286,6 +296,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("request_timeout", "must be positive")
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes", "must be at least 1024")
+    for key in ("max_held_bytes", "max_response_bytes"):
+        if getattr(settings, key) < 1024:
+            raise ConfigError(key, "must be at least 1024")
+    for key in ("send_timeout", "max_stream_duration"):
+        if getattr(settings, key) <= 0:
+            raise ConfigError(key, "must be positive")
     return settings
 
 

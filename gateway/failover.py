@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 
 import aiohttp
 
@@ -21,7 +22,7 @@ from gateway import metrics
 from gateway.call import AttemptRecord, Call, Reply, StreamStart
 from gateway.errors import PHRASES, POLICY, Classified, GatewayError, Outcome, classify_exception
 from gateway.routing import Route
-from gateway.stream import hold, judge_body
+from gateway.stream import hold, read_answer
 from gateway.upstream import REUSED, Lease, Provider
 
 log = logging.getLogger("gateway")
@@ -160,6 +161,8 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
                     _record(call, provider, cls, wait)
                     continue
                 cls = _CLOSED_AGAIN
+            if cls.detail:  # an upstream's words: they may quote the key back
+                cls = replace(cls, detail=provider.redact.text(cls.detail))
             if isinstance(answer, StreamStart):
                 handed_over = True
             else:
@@ -251,8 +254,7 @@ async def _send(
                     return _STALE, None
                 raise
             if resp.status >= 300 or not call.stream:
-                body = await resp.read()
-                return judge_body(provider, resp, body, _KEPT)
+                return await read_answer(provider, resp, _KEPT)
             cls, start_ = await hold(lease, resp, call.request_id)
             handed_over = start_ is not None
             return cls, start_

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.call import Call, Reply
+from gateway.config import Settings
 
 #: The cancel message with which a graceful shutdown ends requests past their grace.
 SHUTDOWN_REASON = "gateway shutting down"
 
-_PASSED_PREFIXES = ("x-ratelimit-", "openai-")
+# Upstream headers a client may see: timing and version, and (a setting) rate limits.
+# openai-organization and openai-project describe the operator's account: never passed.
+_PASSED = frozenset({"openai-processing-ms", "openai-version"})
+_RATELIMIT_PREFIX = "x-ratelimit-"
+# Bodies up to this size fit the transport's buffers, so writing them cannot block; larger
+# ones are written under send_timeout, so a client that stops reading cannot hold them.
+_BUFFERED_BODY = 64 * 1024
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -36,22 +45,44 @@ def sse_headers(call: Call) -> dict[str, str]:
     return headers
 
 
-def _passed_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:
+def _passed_headers(upstream: CIMultiDictProxy[str], ratelimit: bool) -> dict[str, str]:
     """Upstream headers worth keeping; hop-by-hop, length and encoding are dropped
     (aiohttp has already decompressed the body)."""
     headers = {"Content-Type": upstream.get("Content-Type", "application/json")}
     for name, value in upstream.items():
-        if name.lower().startswith(_PASSED_PREFIXES):
+        low = name.lower()
+        if low in _PASSED or (ratelimit and low.startswith(_RATELIMIT_PREFIX)):
             headers[name] = value
     return headers
 
 
-def reply_response(call: Call, reply: Reply) -> web.Response:
-    """The client's response for a complete upstream answer, body untouched."""
+async def send_reply(
+    request: web.Request, call: Call, reply: Reply, settings: Settings
+) -> web.StreamResponse:
+    """The client's response for a complete upstream answer, body untouched.
+
+    A body too large for the transport's buffers is written here, under
+    ``send_timeout``: a client that stops reading loses its connection instead of
+    holding the body in memory for ever.
+    """
     call.answered_by = reply.provider
     call.status = reply.status
     call.usage = reply.usage
     call.result = reply.outcome.value
-    headers = _passed_headers(reply.headers)
+    headers = _passed_headers(reply.headers, settings.pass_ratelimit_headers)
     headers.update(gateway_headers(call))
-    return web.Response(status=reply.status, body=reply.body, headers=headers)
+    body = reply.body
+    if len(body) <= _BUFFERED_BODY:
+        return web.Response(status=reply.status, body=body, headers=headers)
+    resp = web.StreamResponse(status=reply.status, headers=headers)
+    resp.content_length = len(body)
+    try:
+        async with asyncio.timeout(settings.send_timeout):
+            await resp.prepare(request)
+            await resp.write(body)
+            await resp.write_eof()
+    except TimeoutError:
+        call.result = "client_stalled"
+        if request.transport is not None:
+            request.transport.abort()
+    return resp

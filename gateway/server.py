@@ -21,8 +21,9 @@ from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.failover import run
 from gateway.providers import DIALECTS
+from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
-from gateway.respond import SHUTDOWN_REASON, gateway_headers, reply_response
+from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply
 from gateway.routing import Router
 from gateway.stream import relay
 from gateway.upstream import Provider
@@ -132,7 +133,8 @@ async def _read_body(
     return body, raw
 
 
-def _deadline(request: web.Request, settings: Settings) -> float:
+def _deadline(request: web.Request, settings: Settings) -> tuple[float, bool]:
+    """The request's deadline (loop time), and whether the client chose it."""
     timeout = settings.request_timeout
     given = request.headers.get("x-gateway-timeout")
     if given is not None:
@@ -147,7 +149,7 @@ def _deadline(request: web.Request, settings: Settings) -> float:
                 f"x-gateway-timeout must be a number of seconds in (0, {most:g}]",
                 code="invalid_timeout",
             )
-    return asyncio.get_running_loop().time() + timeout
+    return asyncio.get_running_loop().time() + timeout, given is not None
 
 
 def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -156,7 +158,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
         settings = app[SETTINGS]
         try:
             body, raw = await _read_body(request, endpoint, settings)
-            deadline = _deadline(request, settings)
+            deadline, chosen = _deadline(request, settings)
         except GatewayError as e:
             metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
             raise
@@ -168,6 +170,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
             stream=bool(body.get("stream")),
             request_id=request[REQUEST_ID],
             deadline=deadline,
+            deadline_chosen=chosen,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -207,7 +210,7 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
         metrics.CLIENT_DISCONNECTS.inc()
         raise
     if isinstance(answer, Reply):
-        resp = reply_response(call, answer)
+        resp = await send_reply(request, call, answer, request.app[SETTINGS])
     else:
         resp = await relay(request, call, answer)
     if call.failover:
@@ -361,8 +364,9 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     app[ACTIVE] = set()
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
+        redactor = Redactor(cfg.api_key for cfg in settings.providers)
         providers = {
-            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings.max_event_bytes)
+            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings, redactor)
             for cfg in settings.providers
         }
         for provider in providers.values():

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.call import Call, Reply, StreamStart
+from gateway.config import Settings
 from gateway.errors import (
     Classified,
     Outcome,
@@ -176,6 +177,43 @@ class StreamState:
 
 # -- judging an answer ---------------------------------------------------------------
 
+#: How much of an error body is read and classified; the rest is discarded.
+ERROR_BODY_BYTES = 64 * 1024
+
+
+async def read_body(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool]:
+    """Up to ``cap`` bytes of the body, decompressed; True when there was more.
+
+    aiohttp inflates a compressed body piece by piece as it is read, so a compression
+    bomb costs no more than ``cap``.
+    """
+    parts: list[bytes] = []
+    size = 0
+    content = resp.content
+    while True:
+        piece = await content.readany()
+        if not piece:
+            return b"".join(parts), False
+        size += len(piece)
+        if size > cap:
+            parts.append(piece[: len(piece) - (size - cap)])
+            return b"".join(parts), True
+        parts.append(piece)
+
+
+async def read_answer(
+    provider: Provider, resp: aiohttp.ClientResponse, keep: frozenset[Outcome]
+) -> tuple[Classified, Reply | None]:
+    """Read a complete (non-stream or error) answer within its bound and judge it."""
+    if resp.status >= 300:
+        body, _ = await read_body(resp, ERROR_BODY_BYTES)  # classified from its start
+        return judge_body(provider, resp, body, keep)
+    cap = provider.settings.max_response_bytes
+    body, more = await read_body(resp, cap)
+    if more:
+        return Classified(Outcome.BAD_RESPONSE, f"answer larger than {cap} bytes"), None
+    return judge_body(provider, resp, body, keep)
+
 
 def judge_body(
     provider: Provider, resp: aiohttp.ClientResponse, body: bytes, keep: frozenset[Outcome]
@@ -186,8 +224,10 @@ def judge_body(
         return Classified(Outcome.BAD_RESPONSE, f"redirect ({status}) not followed", status), None
     if status >= 400:
         cls = classify_response(status, body, resp.headers)
-        reply = Reply(provider, cls.outcome, status, resp.headers, body)
-        return cls, reply if cls.outcome in keep else None
+        if cls.outcome not in keep:
+            return cls, None
+        # Passed to the client as is, but for any secret the upstream quoted back.
+        return cls, Reply(provider, cls.outcome, status, resp.headers, provider.redact.data(body))
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -207,13 +247,14 @@ async def hold(
     """Read a 2xx stream up to its first output event without showing the client anything."""
     provider = lease.provider
     if resp.content_type != "text/event-stream":
-        body = await resp.read()
+        body, _ = await read_body(resp, ERROR_BODY_BYTES)
         cls, _ = judge_body(provider, resp, body, frozenset())
         if cls.outcome is Outcome.OK:
             what = resp.headers.get("Content-Type", "")
             cls = Classified(Outcome.BAD_RESPONSE, f"expected an event stream, got {what!r}")
         return cls, None
-    parser = SSEParser(provider.max_event_bytes)
+    limit = provider.settings.max_held_bytes
+    parser = SSEParser(provider.settings.max_event_bytes)
     state = StreamState(provider.name, request_id)
     held: list[bytes] = []
     held_bytes = 0
@@ -231,9 +272,8 @@ async def hold(
         if state.failure is not None and not state.output:
             return state.failure, None
         held_bytes += len(chunk)
-        if held_bytes > provider.max_held_bytes and not state.output:
-            detail = f"no token in the first {provider.max_held_bytes} bytes"
-            return Classified(Outcome.BAD_RESPONSE, detail), None
+        if held_bytes > limit and not state.output:
+            return Classified(Outcome.BAD_RESPONSE, f"no token in the first {limit} bytes"), None
     lease.commit()
     return Classified(Outcome.OK, "", resp.status), StreamStart(
         provider, lease, resp, parser, state, held
@@ -257,14 +297,21 @@ async def relay(request: web.Request, call: Call, start: StreamStart) -> web.Str
         call.first_token_at = time.perf_counter()
         await _pipe(resp, call, start)
         if state.failure is not None:
-            outcome, detail = state.failure.outcome, state.failure.detail
+            outcome = state.failure.outcome
+            detail = provider.redact.text(state.failure.detail)
             call.result = f"cut:{outcome.value}"
         else:
             outcome = Outcome.OK
             call.result = Outcome.OK.value
-        await resp.write_eof()
         if state.done:
             await _drain(upstream)
+    except _ClientStalled:
+        # It stopped reading: its connection is dropped (no write could reach it) and the
+        # upstream generation stops; the provider did nothing wrong.
+        call.result = "client_stalled"
+        metrics.CLIENT_DISCONNECTS.inc()
+        if request.transport is not None:
+            request.transport.abort()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         _client_left(call)
     except asyncio.CancelledError as e:
@@ -304,40 +351,51 @@ async def _drain(upstream: aiohttp.ClientResponse) -> None:
         pass  # the connection is closed instead of pooled
 
 
+class _ClientStalled(Exception):
+    """The client did not take a write within ``send_timeout``."""
+
+
+def stream_deadline(call: Call, settings: Settings) -> float:
+    """When a committed stream must end: the client's own deadline if it chose one, else
+    ``max_stream_duration`` from now (the request deadline bounds the wait for a first
+    token, not a healthy generation)."""
+    if call.deadline_chosen:
+        return call.deadline
+    return asyncio.get_running_loop().time() + settings.max_stream_duration
+
+
 async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> None:
     """Forward events until the stream ends; its failure, if any, is in the state."""
     provider = start.provider
+    settings = provider.settings
     state = start.state
     parser = start.parser
     content = start.resp.content
     loop = asyncio.get_running_loop()
-    watchdog = _Watchdog(provider.config.idle_timeout, call.deadline)
+    deadline = stream_deadline(call, settings)
+    watchdog = _Watchdog(provider.config.idle_timeout, deadline)
     parts = start.held
     try:
         while True:
             failure = state.failure
             if failure is not None:
-                message = (
-                    f"{provider.display_name} stream failed after the first token: {failure.detail}"
-                )
+                detail = provider.redact.text(failure.detail)
+                message = f"{provider.display_name} stream failed after the first token: {detail}"
                 log.warning("%s [%s]", message, call.request_id)
                 parts.append(error_event(message, code="stream_interrupted"))
             if parts:
-                t0 = time.perf_counter()
-                await resp.write(b"".join(parts))
-                blocked = time.perf_counter() - t0
-                if blocked > 0.001:  # waited for a slow client to drain: not the gateway's cost
-                    call.waited += blocked
+                await _write(resp, b"".join(parts), watchdog, settings.send_timeout, call)
                 parts = []
             if failure is not None or state.done:
+                await _write(resp, None, watchdog, settings.send_timeout, call)
                 return
             t0 = time.perf_counter()
             now = loop.time()
             chunk = b""
-            if now >= call.deadline:
+            if now >= deadline:
                 state.fail(_DEADLINE)
             else:
-                watchdog.read_since = now
+                watchdog.watch(now, watchdog.idle)
                 try:
                     chunk = await content.readany()
                 except asyncio.CancelledError:
@@ -347,7 +405,7 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
                     state.fail(watchdog.reason())
                 except (aiohttp.ClientError, OSError) as e:
                     state.fail(classify_exception(e))
-                watchdog.read_since = None
+                watchdog.since = None
             call.waited += time.perf_counter() - t0
             if state.failure is not None:
                 continue
@@ -363,48 +421,98 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
         watchdog.cancel()
 
 
+async def _write(
+    resp: web.StreamResponse,
+    data: bytes | None,
+    watchdog: _Watchdog,
+    send_timeout: float,
+    call: Call,
+) -> None:
+    """One write to the client (``None``: the end of the body), bounded by ``send_timeout``."""
+    t0 = time.perf_counter()
+    watchdog.watch(watchdog.loop.time(), send_timeout)
+    try:
+        if data is None:
+            await resp.write_eof()
+        else:
+            await resp.write(data)
+    except asyncio.CancelledError:
+        if not watchdog.fired:
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        raise _ClientStalled from None
+    finally:
+        watchdog.since = None
+    blocked = time.perf_counter() - t0
+    if blocked > 0.001:  # waited for a slow client to drain: not the gateway's cost
+        call.waited += blocked
+
+
 _DEADLINE = Classified(Outcome.DEADLINE, "request deadline reached")
 
 
 class _Watchdog:
-    """Cancels the relay's task when a read waits past ``idle`` seconds or the deadline.
+    """Cancels the relay's task when a read or a write waits too long, or at the deadline.
 
-    One timer per idle period instead of an ``asyncio.timeout`` per read (about 5 us
-    each): a read only stamps ``read_since``.
+    One timer per stream instead of an ``asyncio.timeout`` per read (about 5 us each): a
+    read or write only stamps :attr:`since` and its :attr:`limit`.
     """
 
-    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "_task", "fired", "read_since")
+    __slots__ = (
+        "_deadline",
+        "_handle",
+        "_task",
+        "_when",
+        "fired",
+        "idle",
+        "limit",
+        "loop",
+        "since",
+    )
 
     def __init__(self, idle: float, deadline: float) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        self._idle = idle
+        self.idle = idle
         self._deadline = deadline
-        self.read_since: float | None = None  # loop time at which the pending read began
+        self.since: float | None = None  # loop time at which the pending read/write began
+        self.limit = idle  # how long the pending read/write may take
         self.fired = False
-        self._handle = self._loop.call_at(min(self._loop.time() + idle, deadline), self._check)
+        self._when = min(self.loop.time() + idle, deadline)
+        self._handle = self.loop.call_at(self._when, self._check)
+
+    def watch(self, since: float, limit: float) -> None:
+        """A read or write begins at loop time ``since`` and may take ``limit`` seconds."""
+        self.since = since
+        self.limit = limit
+        when = since + limit
+        if when < self._when:  # a shorter bound than the timer's: look earlier
+            self._handle.cancel()
+            self._when = when
+            self._handle = self.loop.call_at(when, self._check)
 
     def _check(self) -> None:
-        now = self._loop.time()
-        since = self.read_since
+        now = self.loop.time()
+        since = self.since
         if since is None:  # between reads: look again later (a read checks the deadline)
-            when = min(now + self._idle, self._deadline)
+            when = min(now + self.idle, self._deadline)
             if when <= now:
-                when = now + self._idle
+                when = now + self.idle
         else:
-            when = min(since + self._idle, self._deadline)
+            when = min(since + self.limit, self._deadline)
             if now >= when:
                 self.fired = True
                 assert self._task is not None
                 self._task.cancel()
                 return
-        self._handle = self._loop.call_at(when, self._check)
+        self._when = when
+        self._handle = self.loop.call_at(when, self._check)
 
     def reason(self) -> Classified:
-        """Why it fired: the request's own deadline (not the provider's fault), or idling."""
-        if self._loop.time() >= self._deadline:
+        """Why a read was stopped: the stream's deadline (not the provider's fault), or idling."""
+        if self.loop.time() >= self._deadline:
             return _DEADLINE
-        return Classified(Outcome.TIMEOUT, f"no event for {self._idle:g}s")
+        return Classified(Outcome.TIMEOUT, f"no event for {self.idle:g}s")
 
     def cancel(self) -> None:
         """Stop watching."""

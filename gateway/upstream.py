@@ -18,10 +18,11 @@ from aiobreaker import CircuitBreakerListener
 from breakers import Cause, Permit, Prober, ProbeResult, ProviderBreaker, State
 from breakers.breaker import state_of
 from gateway import metrics
-from gateway.config import ProviderConfig
+from gateway.config import ProviderConfig, Settings
 from gateway.errors import POLICY, BreakerEffect, Outcome
 from gateway.limits import Limiter
 from gateway.providers import Dialect
+from gateway.redact import Redactor
 
 log = logging.getLogger("gateway")
 
@@ -86,14 +87,15 @@ class _BreakerMetrics(CircuitBreakerListener):
 class Provider:
     """A configured provider: its session, breaker, prober, limiter and load."""
 
-    def __init__(self, config: ProviderConfig, dialect: Dialect, max_event_bytes: int) -> None:
+    def __init__(
+        self, config: ProviderConfig, dialect: Dialect, settings: Settings, redactor: Redactor
+    ) -> None:
         self.config = config
         self.name = config.name
         self.display_name = config.display_name
         self.dialect = dialect
-        self.max_event_bytes = max_event_bytes
-        # Events held before the first token: a few large ones fit, an endless preamble not.
-        self.max_held_bytes = 4 * max_event_bytes
+        self.settings = settings  # the gateway-wide bounds: event, held and body sizes
+        self.redact = redactor
         self.headers = dialect.headers(config.api_key)
         listener = _BreakerMetrics(config.name, config.display_name, config.base_url)
         self.breaker = ProviderBreaker(

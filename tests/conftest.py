@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -122,3 +126,48 @@ async def wait_ready(base: str) -> None:
                 pass
             await asyncio.sleep(0.05)
     raise AssertionError("gateway did not start")
+
+
+def process_env(**env: str) -> dict[str, str]:
+    """A minimal environment for a ``python -m gateway`` process: no provider but those
+    given (LM Studio's and Ollama's defaults are switched off unless set)."""
+    base = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LMSTUDIO_BASE_URL": "",
+        "OLLAMA_BASE_URL": "",
+    }
+    return {**base, **env}
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    port: int, env: dict[str, str], *args: str
+) -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
+    """Run ``python -m gateway`` on 127.0.0.1:``port`` until the block ends; yields its base
+    URL and the process (its output is captured in ``proc.stdout``)."""
+    proc = subprocess.Popen(  # noqa: ASYNC220 (started once, stopped below)
+        [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set size of process ``pid`` so far, in MB (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")

@@ -13,7 +13,9 @@ when the gateway hangs up on it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +50,9 @@ class Behaviour:
     error_null: bool = False  # '"error": null' in every chunk and body
     content_type: str = "text/event-stream"
     end_delay: float = 0.0  # seconds between [DONE] and the end of the body (a later read)
+    gate: asyncio.Event | None = None  # answer only once the test sets it
+    usage: dict[str, Any] | None = None  # replaces the usage block of a plain answer
+    location: str = ""  # for kind "redirect"
 
 
 def ok(**kw: Any) -> Behaviour:
@@ -185,6 +190,48 @@ def sse(raw: bytes, role_chunk: bool = True) -> Behaviour:
     return Behaviour("raw_sse", raw=raw, role_chunk=role_chunk)
 
 
+# -- hostile upstreams -------------------------------------------------------------------
+
+
+def endless(status: int = 200, content_type: str = "application/json") -> Behaviour:
+    """A body that never ends: 64 KiB pieces for as long as the gateway reads (at most 4 GiB
+    or 60 s, so a test that fails does not run forever)."""
+    return Behaviour("endless", status=status, headers={"Content-Type": content_type})
+
+
+def bomb(inflated: int = 512 << 20, status: int = 200) -> Behaviour:
+    """A gzip body of about 0.5 MB on the wire that inflates to ``inflated`` bytes."""
+    return Behaviour("bomb", status=status, big=inflated)
+
+
+def error_page(size: int, status: int = 502) -> Behaviour:
+    """A big HTML error page, as a misconfigured proxy sends."""
+    return Behaviour("page", status=status, big=size)
+
+
+def redirect(status: int, location: str) -> Behaviour:
+    """A redirect to ``location`` (another host, say)."""
+    return Behaviour("redirect", status=status, location=location)
+
+
+def echo_key(status: int = 401) -> Behaviour:
+    """An error that quotes the request's ``Authorization`` header back, as some servers do."""
+    return Behaviour("echo_key", status=status)
+
+
+def echo_key_event() -> Behaviour:
+    """A stream that quotes the ``Authorization`` header in an error event after two tokens."""
+    return Behaviour("echo_key_event", tokens=2)
+
+
+@functools.cache
+def _gzip_zeros(size: int) -> bytes:
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    out = [gz.compress(block) for _ in range(size >> 20)]
+    return b"".join(out) + gz.flush()
+
+
 def wrong_length() -> Behaviour:
     """A 200 whose Content-Length promises more than is sent before the connection closes."""
     return Behaviour("wrong_length")
@@ -272,6 +319,7 @@ class FakeUpstream:
         self.disconnects = 0  # requests the client abandoned before the response ended
         self.models_status = 200
         self.models_delay = 0.0  # seconds before answering /v1/models
+        self.models_location = ""  # when set, /v1/models redirects there
         self.sent: list[bytes] = []  # every stream's body, as written
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -327,6 +375,8 @@ class FakeUpstream:
         self.probes += 1
         if self.models_delay:
             await asyncio.sleep(self.models_delay)
+        if self.models_location:
+            raise web.HTTPFound(self.models_location)
         if self.models_status != 200:
             return web.Response(status=self.models_status, body=b'{"error": "down"}')
         data = [
@@ -350,6 +400,9 @@ class FakeUpstream:
     async def _answer(
         self, request: web.Request, body: dict[str, Any], b: Behaviour
     ) -> web.StreamResponse:
+        if b.gate is not None:
+            async with asyncio.timeout(30):  # bounded: a test that forgets the gate fails
+                await b.gate.wait()
         if b.kind == "silent":
             await asyncio.sleep(3600)
         if b.kind == "hang_up":
@@ -365,6 +418,8 @@ class FakeUpstream:
                 content_type="application/json",
                 headers=b.headers,
             )
+        if b.kind in _HOSTILE:
+            return await _HOSTILE[b.kind](request, b)
         if request.path.endswith("/embeddings"):
             data = {
                 "object": "list",
@@ -387,10 +442,12 @@ class FakeUpstream:
             answer = completion(self.text, body["model"], legacy=legacy)
             if b.error_null:
                 answer["error"] = None
+            if b.usage is not None:
+                answer["usage"] = b.usage
             return web.Response(
                 body=orjson.dumps(answer),
                 content_type="application/json",
-                headers={"x-ratelimit-remaining-requests": "99"},
+                headers={"x-ratelimit-remaining-requests": "99", **b.headers},
             )
         return await self._stream(request, b, legacy)
 
@@ -449,6 +506,63 @@ class FakeUpstream:
         if field == "content":
             return WORDS[i % len(WORDS)]
         return OUTPUT_FIELDS[field]
+
+
+async def _endless(request: web.Request, b: Behaviour) -> web.StreamResponse:
+    resp = web.StreamResponse(status=b.status, headers=b.headers)
+    await resp.prepare(request)
+    piece = b"<p>" + b"x" * (64 * 1024 - 7) + b"</p>"
+    end = time.monotonic() + 60
+    for _ in range(65536):  # 4 GiB at most
+        if time.monotonic() > end:
+            break
+        await resp.write(piece)
+    return resp
+
+
+async def _bomb(request: web.Request, b: Behaviour) -> web.StreamResponse:
+    body = _gzip_zeros(b.big)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    return web.Response(status=b.status, body=body, headers=headers)
+
+
+async def _page(request: web.Request, b: Behaviour) -> web.StreamResponse:
+    body = b"<html><body>" + b"Bad gateway. " * (b.big // 13) + b"</body></html>"
+    return web.Response(status=b.status, body=body, content_type="text/html")
+
+
+async def _redirect(request: web.Request, b: Behaviour) -> web.StreamResponse:
+    return web.Response(status=b.status, headers={"Location": b.location})
+
+
+def _quoted_key(request: web.Request) -> str:
+    return f"Invalid header 'Authorization: {request.headers.get('Authorization', '')}'"
+
+
+async def _echo_key(request: web.Request, b: Behaviour) -> web.StreamResponse:
+    error = {"message": _quoted_key(request), "type": "invalid_request_error", "code": None}
+    return web.Response(
+        status=b.status, body=orjson.dumps({"error": error}), content_type="application/json"
+    )
+
+
+async def _echo_key_event(request: web.Request, b: Behaviour) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(chunk("Hello") + chunk(" there"))
+    error = {"message": _quoted_key(request), "type": "server_error", "code": None}
+    await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+    return resp
+
+
+_HOSTILE = {
+    "endless": _endless,
+    "bomb": _bomb,
+    "page": _page,
+    "redirect": _redirect,
+    "echo_key": _echo_key,
+    "echo_key_event": _echo_key_event,
+}
 
 
 def wait_until(cond: Any, timeout: float = 5.0) -> Any:

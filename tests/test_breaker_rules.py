@@ -206,17 +206,21 @@ async def test_a_stream_admitted_before_a_quota_error_does_not_close_it(gateway,
 
 async def test_a_late_failure_does_not_reopen_during_anothers_trial(gateway, upstreams):
     a, b = await upstreams("a"), await upstreams("b")
-    a.then(fu.drop_after(5), fu.server_error(500), fu.ok(delay=0.5))
-    a.script[0].chunk_delay = 0.1
+    cut, answer = asyncio.Event(), asyncio.Event()
+    a.then(fu.drop_after(5), fu.server_error(500), fu.ok(gate=answer))
+    a.script[0].gate = cut
     client = await gateway(a, b, fail_max=1, reset_timeout=60, max_retries=0)
-    old = await client.post("/v1/chat/completions", json=chat(stream=True))
+    old = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(stream=True)))
+    await wait_until(lambda: len(a.requests) == 1)  # admitted while closed
     await post(client)  # 500: opens
     half_open(client)
     trial = asyncio.ensure_future(post(client))
     await wait_until(lambda: len(a.requests) == 3)
-    datas, done = await read_stream(old)  # the old stream is cut while the trial runs
-    assert not done
+    cut.set()  # the old stream fails while the trial is in flight
+    datas, done = await read_stream(await old)
+    assert not done and datas[-1]["error"]["code"] == "stream_interrupted"
     assert breaker_of(client).state is State.HALF_OPEN
+    answer.set()
     resp, _ = await trial
     assert resp.headers["x-gateway-provider"] == "openai"
     assert breaker_of(client).state is State.CLOSED
