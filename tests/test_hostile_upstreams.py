@@ -17,6 +17,7 @@ import socket
 import aiohttp
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.server import ACTIVE, PROVIDERS
 from tests import fake_upstream as fu
@@ -48,6 +49,8 @@ async def test_unbounded_bodies_fail_over(name, gateway, upstreams):
     a, b = await upstreams("a"), await upstreams("b")
     a.default = behaviour
     client = await gateway(a, b, max_retries=0, response_timeout=30, first_token_timeout=30)
+    key = {"provider": "openai", "outcome": outcome}
+    before = REGISTRY.get_sample_value("gateway_upstream_attempts_total", key) or 0.0
     resp = await client.post("/v1/chat/completions", json=chat(stream=stream))
     assert resp.status == 200
     assert resp.headers["x-gateway-provider"] == "lmstudio"
@@ -58,6 +61,8 @@ async def test_unbounded_bodies_fail_over(name, gateway, upstreams):
         body = orjson.loads(await resp.read())
         assert body["choices"][0]["message"]["content"] == b.text
     assert client.app[PROVIDERS]["openai"].breaker.fail_counter == 1
+    # judged from the body's first bytes, not after reading it to a timeout
+    assert REGISTRY.get_sample_value("gateway_upstream_attempts_total", key) == before + 1
 
 
 async def test_an_answer_over_max_response_bytes_fails_over(gateway, upstreams):
@@ -105,6 +110,7 @@ async def test_peak_rss_stays_bounded_with_hostile_upstreams(upstreams, unused_t
         peak = peak_rss_mb(proc.pid)
     assert answered == [(200, "lmstudio")] * 20
     assert len(bad.requests) == 20
+    print(f"peak RSS {peak:.0f} MB (at start {start:.0f} MB)")
     assert peak < start + 250, (start, peak)
 
 
