@@ -379,6 +379,7 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         for provider in providers.values():
             await provider.start(probes=probes)
         app[PROVIDERS] = providers
+        metrics.export_failover_order(list(providers))
         router = Router(
             list(providers.values()),
             {p.name: p.config.model for p in providers.values()},
