@@ -1,5 +1,5 @@
 # The gateway image used by docker-compose.yml: `docker build -t llm-failover-gateway .`
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -10,6 +10,7 @@ The seed's environment variables keep their meaning (``OPENAI_API_KEY``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ _DEFAULT_MODELS: dict[str, str | None] = {
     "ollama": "llama3.2",
 }
 MiB = 1024 * 1024
+#: What ``log_level`` may be (any case); ``WARN`` is logging's alias of ``WARNING``.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -146,17 +149,25 @@ def normalize_base_url(url: str, key: str) -> str:
 def _coerce(key: str, kind: str, value: Any) -> Any:
     """Check and convert one value from TOML or the environment."""
     if kind in ("float", "int"):
+        given = value  # quoted as the user wrote it
         if isinstance(value, str):
             try:
-                value = float(value) if kind == "float" else int(value)
+                value = int(value)
             except ValueError:
-                raise ConfigError(key, f"must be a number, got {value!r}") from None
+                try:
+                    value = float(value)  # also "2e6" for a whole number
+                except ValueError:
+                    raise ConfigError(key, f"must be a number, got {given!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"must be a number, got {value!r}")
+            raise ConfigError(key, f"must be a number, got {given!r}")
+        # nan compares false with everything, so it would slip past every bound below and
+        # mean "no limit"; inf means the same openly. Neither is a setting.
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {given!r}")
         if kind == "int" and not float(value).is_integer():
-            raise ConfigError(key, f"must be a whole number, got {value!r}")
+            raise ConfigError(key, f"must be a whole number, got {given!r}")
         if value < 0:
-            raise ConfigError(key, f"must not be negative, got {value!r}")
+            raise ConfigError(key, f"must not be negative, got {given!r}")
         return float(value) if kind == "float" else int(value)
     if kind == "bool":
         if isinstance(value, str):
@@ -208,15 +219,16 @@ def _provider_values(table: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return values
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """Read the TOML file at ``path``; a missing or broken file is a ConfigError."""
+def load_toml(path: str, key: str = "GATEWAY_CONFIG") -> dict[str, Any]:
+    """Read the TOML file at ``path``; a missing or broken file is a ConfigError naming
+    ``key``, where the path came from (``GATEWAY_CONFIG`` or ``--config``)."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except OSError as e:
-        raise ConfigError("GATEWAY_CONFIG", f"cannot read {path}: {e.strerror}") from None
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError("GATEWAY_CONFIG", f"{path} is not valid TOML: {e}") from None
+        raise ConfigError(key, f"{path} is not valid TOML: {e}") from None
 
 
 def _env_overrides(env: Mapping[str, str], name: str) -> dict[str, Any]:
@@ -232,15 +244,25 @@ def _env_overrides(env: Mapping[str, str], name: str) -> dict[str, Any]:
     return out
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build :class:`Settings` from ``env`` (default ``os.environ``) and its TOML file."""
+def load_settings(
+    env: Mapping[str, str] | None = None, *, config_key: str = "GATEWAY_CONFIG"
+) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``) and its TOML file.
+
+    ``config_key`` names where the file's path came from, for the error when it cannot be
+    read (``--config`` when the command line gave it).
+    """
     env = os.environ if env is None else env
-    data = load_toml(env["GATEWAY_CONFIG"]) if env.get("GATEWAY_CONFIG") else {}
+    path = env.get("GATEWAY_CONFIG")
+    data = load_toml(path, config_key) if path else {}
     _check_keys(data, {"gateway": 1, "defaults": 1, "providers": 1, "aliases": 1}, "config")
 
     gw_table = _table(data, "gateway")
     _check_keys(gw_table, _GATEWAY_FIELDS, "gateway")
     gw = {k: _coerce(f"gateway.{k}", _GATEWAY_FIELDS[k], v) for k, v in gw_table.items()}
+    # Where each value came from, so that an error names what the user actually set: the
+    # environment variable, else the TOML key.
+    origin = {k: f"gateway.{k}" for k in gw}
     for var, key in (
         ("GATEWAY_HOST", "host"),
         ("GATEWAY_PORT", "port"),
@@ -254,10 +276,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     ):
         if env.get(var):
             gw[key] = _coerce(var, _GATEWAY_FIELDS[key], env[var])
+            origin[key] = var
     order = gw.pop("failover_order", None)
+    order_key = origin.get("failover_order", "FAILOVER_ORDER")
     gw["access"] = _access_policy(
-        env, gw.pop("api_keys_file", None), gw.pop("admin_loopback_only", False)
+        env,
+        gw.pop("api_keys_file", None),
+        gw.pop("admin_loopback_only", False),
+        origin.get("api_keys_file", "api_keys_file"),
     )
+    if "log_level" in gw:
+        gw["log_level"] = _log_level(gw["log_level"], origin["log_level"])
 
     defaults = _provider_values(_table(data, "defaults"), "defaults")
     defaults.pop("api_key_env", None)
@@ -272,9 +301,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     for n in order:
         if n not in names:
             known = ", ".join(names)
-            raise ConfigError("FAILOVER_ORDER", f"unknown provider {n!r} (known: {known})")
+            raise ConfigError(order_key, f"unknown provider {n!r} (known: {known})")
     if len(set(order)) != len(order):
-        raise ConfigError("FAILOVER_ORDER", "names a provider twice")
+        raise ConfigError(order_key, "names a provider twice")
 
     providers = []
     for name in order:
@@ -282,7 +311,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if cfg is not None:
             providers.append(cfg)
     if not providers:
-        raise ConfigError("FAILOVER_ORDER", "no provider is enabled (every base URL is empty)")
+        raise ConfigError(order_key, "no provider is enabled (every base URL is empty)")
 
     aliases = _table(data, "aliases")
     for k, v in aliases.items():
@@ -290,36 +319,76 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"aliases.{k}", "must be a model name")
 
     settings = Settings(providers=tuple(providers), aliases=dict(aliases), **gw)
-    if not 0 < settings.port < 65536:
-        raise ConfigError("port", f"must be 1-65535, got {settings.port}")
-    if settings.request_timeout <= 0:
-        raise ConfigError("request_timeout", "must be positive")
-    if settings.max_body_bytes < 1024:
-        raise ConfigError("max_body_bytes", "must be at least 1024")
-    for key in ("max_held_bytes", "max_response_bytes"):
-        if getattr(settings, key) < 1024:
-            raise ConfigError(key, "must be at least 1024")
-    for key in ("send_timeout", "max_stream_duration"):
-        if getattr(settings, key) <= 0:
-            raise ConfigError(key, "must be positive")
+    _check_gateway(settings, origin)
     return settings
 
 
-def _access_policy(env: Mapping[str, str], keys_file: str | None, loopback: bool) -> AccessPolicy:
+def _log_level(value: str, key: str) -> str:
+    """``value`` as one of :data:`LOG_LEVELS`: logging itself would raise a bare
+    ValueError at start-up for a name it does not know."""
+    level = value.strip().upper()
+    level = "WARNING" if level == "WARN" else level
+    if level not in LOG_LEVELS:
+        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+def _check_gateway(settings: Settings, origin: Mapping[str, str]) -> None:
+    """Bounds between [gateway] values; an error names the value the user set."""
+
+    def key(name: str) -> str:
+        return origin.get(name, f"gateway.{name}")
+
+    if not 0 < settings.port < 65536:
+        raise ConfigError(key("port"), f"must be 1-65535, got {settings.port}")
+    if settings.request_timeout <= 0:
+        raise ConfigError(key("request_timeout"), "must be positive")
+    if settings.max_request_timeout <= 0:
+        raise ConfigError(key("max_request_timeout"), "must be positive")
+    if settings.max_request_timeout < settings.request_timeout:
+        most, default = settings.max_request_timeout, settings.request_timeout
+        if "max_request_timeout" in origin:  # the user lowered the ceiling below the default
+            raise ConfigError(
+                key("max_request_timeout"),
+                f"must be at least request_timeout ({default:g}), got {most:g}",
+            )
+        raise ConfigError(
+            key("request_timeout"),
+            f"must not exceed max_request_timeout ({most:g}); raise max_request_timeout "
+            f"under [gateway] in the TOML file, got {default:g}",
+        )
+    if settings.max_body_bytes < 1024:
+        raise ConfigError(key("max_body_bytes"), "must be at least 1024")
+    if settings.max_event_bytes < 1024:  # no upstream stream fits in less
+        raise ConfigError(key("max_event_bytes"), "must be at least 1024")
+    for name in ("max_held_bytes", "max_response_bytes"):
+        if getattr(settings, name) < 1024:
+            raise ConfigError(key(name), "must be at least 1024")
+    for name in ("send_timeout", "max_stream_duration"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(key(name), "must be positive")
+
+
+def _access_policy(
+    env: Mapping[str, str], keys_file: str | None, loopback: bool, file_key: str
+) -> AccessPolicy:
     """Client keys from ``GATEWAY_API_KEYS`` (plain, comma-separated) and a file of SHA-256
-    digests (one per line, ``#`` comments); the admin key from ``GATEWAY_ADMIN_KEY``."""
+    digests (one per line, ``#`` comments); the admin key from ``GATEWAY_ADMIN_KEY``.
+    ``file_key`` names where ``keys_file`` came from, for the error when it cannot be read."""
     keys = {digest(k.strip()) for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()}
     if keys_file:
         try:
             with open(keys_file, encoding="utf-8") as f:
                 lines = [line.split("#", 1)[0].strip().lower() for line in f]
         except OSError as e:
-            raise ConfigError("api_keys_file", f"cannot read {keys_file}: {e.strerror}") from None
+            raise ConfigError(file_key, f"cannot read {keys_file}: {e.strerror}") from None
         for n, line in enumerate(lines, 1):
             if not line:
                 continue
             if len(line) != 64 or any(c not in "0123456789abcdef" for c in line):
-                raise ConfigError("api_keys_file", f"line {n} is not a SHA-256 hex digest")
+                raise ConfigError(
+                    "api_keys_file", f"line {n} of {keys_file} is not a SHA-256 hex digest"
+                )
             keys.add(line)
     admin = env.get("GATEWAY_ADMIN_KEY", "").strip()
     return AccessPolicy(frozenset(keys), digest(admin) if admin else None, loopback)
@@ -343,11 +412,19 @@ def _build_provider(
     if name in _DEFAULT_BASE_URLS:
         values["base_url"] = _DEFAULT_BASE_URLS[name]
     values.update(defaults)
-    values.update(_provider_values(table, prefix))
+    own = _provider_values(table, prefix)
+    values.update(own)
+    # Where each value came from: errors name the [defaults] key, the provider's own key
+    # or the environment variable, whichever the user wrote.
+    origin = {k: f"defaults.{k}" for k in defaults}
+    origin.update({k: f"{prefix}.{k}" for k in own})
     key_env = values.pop("api_key_env", None)
     if key_env and env.get(key_env):
         values["api_key"] = env[key_env]
     values.update(_env_overrides(env, name))
+
+    def key(k: str) -> str:
+        return origin.get(k, f"{prefix}.{k}")
 
     base_key = f"{_ENV_PREFIX[name]}_BASE_URL" if name in _ENV_PREFIX else f"{prefix}.base_url"
     if "base_url" not in values:
@@ -362,13 +439,19 @@ def _build_provider(
         return None
 
     if values.get("dialect", "openai") not in DIALECTS:
-        raise ConfigError(f"{prefix}.dialect", f"unknown dialect (known: {', '.join(DIALECTS)})")
-    for k in ("connect_timeout", "first_token_timeout", "idle_timeout", "response_timeout"):
+        raise ConfigError(key("dialect"), f"unknown dialect (known: {', '.join(DIALECTS)})")
+    # probe_timeout too: aiohttp and asyncio read a timeout of 0 as "no timeout at all".
+    for k in (
+        "connect_timeout",
+        "first_token_timeout",
+        "idle_timeout",
+        "response_timeout",
+        "probe_interval",
+        "probe_timeout",
+    ):
         if values.get(k, 1) <= 0:
-            raise ConfigError(f"{prefix}.{k}", "must be positive")
+            raise ConfigError(key(k), "must be positive")
     for k in ("fail_max", "max_connections"):
         if values.get(k, 1) < 1:
-            raise ConfigError(f"{prefix}.{k}", "must be at least 1")
-    if values.get("probe_interval", 1) <= 0:
-        raise ConfigError(f"{prefix}.probe_interval", "must be positive")
+            raise ConfigError(key(k), "must be at least 1")
     return ProviderConfig(name=name, **values)

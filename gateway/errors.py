@@ -124,13 +124,24 @@ def _error_fields(body: Any) -> tuple[str, str, str]:
     if isinstance(err, str):  # some servers send {"error": "message"}
         return "", "", err.lower()
     if not isinstance(err, dict):
-        msg = body.get("message") if isinstance(body, dict) else None
-        return "", "", str(msg).lower() if msg else ""
+        return "", "", _bare_message(body).lower()
     return (
         str(err.get("code") or "").lower(),
         str(err.get("type") or "").lower(),
         str(err.get("message") or "").lower(),
     )
+
+
+def _bare_message(body: Any) -> str:
+    """The message of an error body without an ``error`` object: ``{"message": ...}``, or
+    FastAPI's ``{"detail": "Not Found"}`` (llama.cpp's Python server, vLLM)."""
+    if not isinstance(body, dict):
+        return ""
+    msg = body.get("message")
+    if msg:
+        return str(msg)
+    detail = body.get("detail")
+    return detail if isinstance(detail, str) else ""
 
 
 def error_message(body: Any) -> str:
@@ -140,7 +151,17 @@ def error_message(body: Any) -> str:
         return str(err.get("message") or err.get("code") or "")[:300]
     if isinstance(err, str):
         return err[:300]
-    return ""
+    return _bare_message(body)[:300]
+
+
+def _detail(status: int, message: str) -> str:
+    """``404: Not Found``: the status once, also when the upstream's own text starts with
+    it (aiohttp's ``404: Not Found``, Go's ``404 page not found``)."""
+    if status == 200:  # an error event inside a stream: the status says nothing
+        return message
+    if not message:
+        return str(status)
+    return message if message.startswith(str(status)) else f"{status}: {message}"
 
 
 def classify_error_body(status: int, body: Any, retry_after: float | None = None) -> Classified:
@@ -150,7 +171,7 @@ def classify_error_body(status: int, body: Any, retry_after: float | None = None
     """
     code, etype, message = _error_fields(body)
     words = f"{code} {etype} {message}"
-    detail = f"{status}: {error_message(body)}" if status != 200 else error_message(body)
+    detail = _detail(status, error_message(body))
     if code == "rate_limit_exceeded":
         return Classified(Outcome.RATE_LIMITED, detail, status, retry_after)
     if "quota" in words or "billing" in words or status == 402:
@@ -164,14 +185,18 @@ def classify_error_body(status: int, body: Any, retry_after: float | None = None
     if "content_policy_violation" in words or "content_filter" in code:
         return Classified(Outcome.CONTENT_REFUSED, detail, status)
     if (
-        status == 404
-        or code == "model_not_found"
+        code == "model_not_found"
+        or (status == 404 and "model" in words)
         or (
             "model" in message
             and any(w in message for w in ("not found", "does not exist", "not loaded"))
         )
     ):
         return Classified(Outcome.MODEL_MISSING, detail, status)
+    if status == 404:
+        # No such path upstream (aiohttp's "404: Not Found", OpenAI's "Invalid URL"): the
+        # provider lacks this endpoint, whatever the model.
+        return Classified(Outcome.UNSUPPORTED, detail, status)
     if status in _SERVER_STATUSES or status >= 500:
         return Classified(Outcome.SERVER_ERROR, detail, status, retry_after)
     if status == 200:  # an error event in a stream without a recognisable code

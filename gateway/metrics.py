@@ -7,6 +7,8 @@ configured models and aliases, outcome classes); a model a client invents is ``o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -97,7 +99,21 @@ DROPPED_EVENTS = Counter(
     ["provider"],
 )
 
+FAILOVER_POSITION = Gauge(
+    "gateway_failover_position",
+    "Each enabled provider's place in the failover order (1: the primary), from configuration",
+    ["provider"],
+)
+
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def export_failover_order(providers: Sequence[str]) -> None:
+    """Publish the failover order, so that alerts can follow whichever provider is first
+    (OpenAI drops out of the chain without a key). Replaces the order set before."""
+    FAILOVER_POSITION.clear()
+    for position, name in enumerate(providers, 1):
+        FAILOVER_POSITION.labels(name).set(position)
 
 
 def model_label(model: str, known: frozenset[str]) -> str:

@@ -59,6 +59,17 @@ def _request_id(request: web.Request) -> str:
     return given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
 
 
+def _own_headers(request_id: str) -> dict[str, str]:
+    """The headers of an answer the gateway gives itself (bad input, GET endpoints): no
+    provider was tried. Proxied answers set their own from the attempts."""
+    return {
+        "x-gateway-provider": "none",
+        "x-gateway-attempts": "0",
+        "x-gateway-failover": "false",
+        "x-request-id": request_id,
+    }
+
+
 @web.middleware
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,22 +77,25 @@ async def _errors(
     """Every error leaves as OpenAI-style JSON with a request id; no traceback leaks."""
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
-    rid = {"x-request-id": request_id}
+    own = _own_headers(request_id)
     try:
         resp = await handler(request)
     except GatewayError as e:
-        return e.response(rid)
+        return e.response(own)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         code = "not_found" if e.status == 404 else None
         message = f"{e.reason}: {request.method} {request.path}"
-        return GatewayError(e.status, message, code=code).response(rid)
+        if "Allow" in e.headers:  # a 405 says which methods the path takes (RFC 9110)
+            own["Allow"] = e.headers["Allow"]
+        return GatewayError(e.status, message, code=code).response(own)
     except Exception:
         log.exception("unexpected error [%s]", request_id)
-        return GatewayError(500, "Internal gateway error", type_="server_error").response(rid)
-    if "x-request-id" not in resp.headers and not resp.prepared:
-        resp.headers["x-request-id"] = request_id
+        return GatewayError(500, "Internal gateway error", type_="server_error").response(own)
+    if not resp.prepared:
+        for name, value in own.items():
+            resp.headers.setdefault(name, value)
     return resp
 
 
@@ -273,8 +287,8 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the status line is not part of the body
         return None
-    rid = {"x-request-id": _request_id(request)}
-    return GatewayError(417, "Only 'Expect: 100-continue' is supported.").response(rid)
+    own = _own_headers(_request_id(request))
+    return GatewayError(417, "Only 'Expect: 100-continue' is supported.").response(own)
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -372,6 +386,7 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         for provider in providers.values():
             await provider.start(probes=probes)
         app[PROVIDERS] = providers
+        metrics.export_failover_order(list(providers))
         report = None
         if probes:
             report = asyncio.create_task(log_after_first_probes(list(providers.values())))

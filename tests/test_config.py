@@ -109,11 +109,19 @@ fast = "groq/llama-3.1-8b-instant"
         ({"FAILOVER_ORDER": "openai,bogus"}, "", "FAILOVER_ORDER"),
         ({"LMSTUDIO_BASE_URL": "localhost:1234"}, "", "LMSTUDIO_BASE_URL"),
         ({"GATEWAY_PORT": "eighty"}, "", "GATEWAY_PORT"),
-        ({}, "[defaults]\nfail_max = 0\n", "providers.openai.fail_max"),
+        ({}, "[defaults]\nfail_max = 0\n", "defaults.fail_max"),
+        ({}, "[providers.lmstudio]\nfail_max = 0\n", "providers.lmstudio.fail_max"),
         ({}, "[defaults]\nfirst_token_timeout = -1\n", "defaults.first_token_timeout"),
         ({}, "[providers.lmstudio]\ntimeout = 3\n", "providers.lmstudio.timeout"),
         ({}, "[providers.x]\nmodel = 'm'\n", "providers.x.base_url"),
-        ({}, "[gateway]\nport = 70000\n", "port"),
+        ({}, "[gateway]\nport = 70000\n", "gateway.port"),
+        ({"GATEWAY_PORT": "70000"}, "", "GATEWAY_PORT"),
+        ({"GATEWAY_REQUEST_TIMEOUT": "0"}, "", "GATEWAY_REQUEST_TIMEOUT"),
+        ({}, "[gateway]\nrequest_timeout = 0\n", "gateway.request_timeout"),
+        ({"GATEWAY_MAX_BODY_BYTES": "10"}, "", "GATEWAY_MAX_BODY_BYTES"),
+        ({}, "[gateway]\nfailover_order = ['openai', 'bogus']\n", "gateway.failover_order"),
+        ({"GATEWAY_API_KEYS_FILE": "/nonexistent/keys"}, "", "GATEWAY_API_KEYS_FILE"),
+        ({}, "[gateway]\napi_keys_file = '/nonexistent/keys'\n", "gateway.api_keys_file"),
         ({}, "[aliases]\nfast = 3\n", "aliases.fast"),
         ({}, "not toml [", "GATEWAY_CONFIG"),
     ],
@@ -147,3 +155,95 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
         "gateway: configuration error: FAILOVER_ORDER: unknown provider 'nope' (known: openai, lmstudio, ollama)"
     ]
     assert "sk-secret-value" not in proc.stderr + proc.stdout
+
+
+# --------------------------------------------------------------------------- numbers that make no sense
+# nan and inf parse as floats (TOML has them as literals), and every comparison with nan is
+# false, so a nan timeout would slip past "must be positive" and mean "wait forever".
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "key"),
+    [
+        ({"GATEWAY_REQUEST_TIMEOUT": "nan"}, "", "GATEWAY_REQUEST_TIMEOUT"),
+        ({"GATEWAY_REQUEST_TIMEOUT": "inf"}, "", "GATEWAY_REQUEST_TIMEOUT"),
+        ({"GATEWAY_SHUTDOWN_GRACE": "nan"}, "", "GATEWAY_SHUTDOWN_GRACE"),
+        ({"GATEWAY_MAX_BODY_BYTES": "inf"}, "", "GATEWAY_MAX_BODY_BYTES"),
+        ({}, "[gateway]\nrequest_timeout = nan\n", "gateway.request_timeout"),
+        ({}, "[gateway]\nmax_request_timeout = inf\n", "gateway.max_request_timeout"),
+        ({}, "[gateway]\nshutdown_grace = inf\n", "gateway.shutdown_grace"),
+        ({}, "[gateway]\nmax_event_bytes = inf\n", "gateway.max_event_bytes"),
+        ({}, "[defaults]\nfirst_token_timeout = nan\n", "defaults.first_token_timeout"),
+        ({}, "[defaults]\nbackoff_base = inf\n", "defaults.backoff_base"),
+        ({}, "[providers.lmstudio]\nprobe_interval = nan\n", "providers.lmstudio.probe_interval"),
+        ({}, "[providers.lmstudio]\nmax_queue_wait = -inf\n", "providers.lmstudio.max_queue_wait"),
+        ({}, "[providers.ollama]\nfail_max = inf\n", "providers.ollama.fail_max"),
+    ],
+)
+def test_nan_and_inf_are_rejected(tmp_path, env, toml, key):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
+    assert info.value.key == key
+    assert "finite" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "key", "problem"),
+    [
+        # aiohttp and asyncio read a 0 timeout as "no timeout": a probe could hang forever.
+        ({}, "[defaults]\nprobe_timeout = 0\n", "defaults.probe_timeout", "must be positive"),
+        (
+            {},
+            "[providers.ollama]\nprobe_timeout = 0\n",
+            "providers.ollama.probe_timeout",
+            "must be positive",
+        ),
+        # No upstream event fits in 0 bytes: every stream would fail.
+        ({}, "[gateway]\nmax_event_bytes = 0\n", "gateway.max_event_bytes", "at least 1024"),
+        (
+            {},
+            "[gateway]\nmax_request_timeout = 0\n",
+            "gateway.max_request_timeout",
+            "must be positive",
+        ),
+        # The longest deadline a client may ask for cannot be shorter than the default one.
+        (
+            {},
+            "[gateway]\nrequest_timeout = 120\nmax_request_timeout = 60\n",
+            "gateway.max_request_timeout",
+            "must be at least request_timeout (120)",
+        ),
+        (
+            {"GATEWAY_REQUEST_TIMEOUT": "900"},
+            "",
+            "GATEWAY_REQUEST_TIMEOUT",
+            "must not exceed max_request_timeout (600)",
+        ),
+        (
+            {"GATEWAY_REQUEST_TIMEOUT": "90"},
+            "[gateway]\nmax_request_timeout = 60\n",
+            "gateway.max_request_timeout",
+            "must be at least request_timeout (90)",
+        ),
+        ({"GATEWAY_LOG_LEVEL": "verbose"}, "", "GATEWAY_LOG_LEVEL", "must be one of DEBUG"),
+        ({}, "[gateway]\nlog_level = 'trace'\n", "gateway.log_level", "must be one of DEBUG"),
+    ],
+)
+def test_settings_that_cannot_work_are_rejected(tmp_path, env, toml, key, problem):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
+    assert info.value.key == key
+    assert problem in str(info.value)
+
+
+def test_log_level_any_case_and_good_limits_are_accepted(tmp_path):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text("[gateway]\nrequest_timeout = 600\nmax_request_timeout = 600\n")
+    s = load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), "GATEWAY_LOG_LEVEL": "debug"})
+    assert s.log_level == "DEBUG"
+    assert s.request_timeout == s.max_request_timeout == 600
+    assert load_settings({**SEED, "GATEWAY_MAX_BODY_BYTES": "2e6"}).max_body_bytes == 2_000_000

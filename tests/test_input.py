@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.auth import AccessPolicy, digest
 from gateway.server import PROVIDERS
 from tests.conftest import chat
 from tests.fake_upstream import wait_until
@@ -119,3 +120,100 @@ async def test_healthz_and_models(gateway, upstreams):
     await wait_until(lambda: all(p.loaded_models is not None for p in providers.values()))
     ids = {m["id"] for m in (await (await client.get("/v1/models")).json())["data"]}
     assert ids == {"fast", "gpt-4o-mini", "gpt-4o", "lmstudio/local-model", "lmstudio/qwen"}
+
+
+# --------------------------------------------------------------------------- x-gateway-* everywhere
+# The README promises x-gateway-provider, -attempts, -failover and x-request-id on every
+# response: the gateway's own errors and its GET endpoints too, where nobody was tried.
+
+NOBODY = {"x-gateway-provider": "none", "x-gateway-attempts": "0", "x-gateway-failover": "false"}
+
+
+def assert_answered_by_the_gateway(resp, request_id=None):
+    for name, value in NOBODY.items():
+        assert resp.headers.get(name) == value, (name, dict(resp.headers))
+    if request_id is None:
+        assert len(resp.headers["x-request-id"]) == 32
+    else:
+        assert resp.headers["x-request-id"] == request_id
+
+
+async def test_own_errors_carry_the_gateway_headers(gateway, upstreams):
+    a = await upstreams("a")
+    client = await gateway(a, settings={"max_body_bytes": 4096})
+    json_headers = {"Content-Type": "application/json"}
+
+    bad_json = await client.post("/v1/chat/completions", data=b"{oops", headers=json_headers)
+    await check_error(bad_json, 400)
+    assert_answered_by_the_gateway(bad_json)
+
+    too_big = chat()
+    too_big["messages"][0]["content"] = "x" * 10_000
+    resp = await client.post(
+        "/v1/chat/completions", json=too_big, headers={"x-request-id": "r-413"}
+    )
+    await check_error(resp, 413)
+    assert_answered_by_the_gateway(resp, "r-413")
+
+    resp = await client.get("/v1/nothing", headers={"x-request-id": "r-404"})
+    await check_error(resp, 404)
+    assert_answered_by_the_gateway(resp, "r-404")
+
+    resp = await client.post(
+        "/v1/chat/completions", json=chat(), headers={"x-gateway-timeout": "0"}
+    )
+    await check_error(resp, 400)
+    assert_answered_by_the_gateway(resp)
+
+    resp = await client.post(
+        "/v1/chat/completions", data=b"{}", headers={**json_headers, "Expect": "nonsense"}
+    )
+    assert resp.status == 417
+    assert_answered_by_the_gateway(resp)
+    assert a.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", "/v1/chat/completions", {"POST"}), ("DELETE", "/v1/models", {"GET", "HEAD"})],
+)
+async def test_405_names_the_allowed_methods(gateway, upstreams, method, path, allowed):
+    a = await upstreams("a")
+    client = await gateway(a)
+    resp = await client.request(method, path)
+    err = await check_error(resp, 405)
+    assert f"{method} {path}" in err["message"]
+    assert {m.strip() for m in resp.headers["Allow"].split(",")} == allowed
+    assert_answered_by_the_gateway(resp)
+
+
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/readyz", "/v1/models", "/admin/providers", "/metrics"]
+)
+async def test_get_endpoints_carry_the_gateway_headers(gateway, upstreams, path):
+    a = await upstreams("a")
+    client = await gateway(a)
+    resp = await client.get(path, headers={"x-request-id": "get-1"})
+    assert resp.status == 200
+    assert_answered_by_the_gateway(resp, "get-1")
+
+
+async def test_denied_requests_carry_the_gateway_headers(gateway, upstreams):
+    a = await upstreams("a")
+    policy = AccessPolicy(client_keys=frozenset({digest("good-key")}))
+    client = await gateway(a, settings={"access": policy})
+    resp = await client.post("/v1/chat/completions", json=chat())
+    await check_error(resp, 401)
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert_answered_by_the_gateway(resp)
+    assert a.requests == []
+
+
+async def test_proxied_answers_keep_their_own_headers(gateway, upstreams):
+    a = await upstreams("a")
+    client = await gateway(a)
+    resp = await client.post("/v1/chat/completions", json=chat())
+    assert resp.status == 200
+    assert resp.headers["x-gateway-provider"] == "openai"
+    assert resp.headers["x-gateway-attempts"] == "1"
+    assert resp.headers.getall("x-gateway-provider") == ["openai"]  # set once, not twice

@@ -541,21 +541,22 @@ _COMPOSE_VARS = re.compile(
 )
 
 
-def compose(*args: str, env_file: Path) -> str:
+def compose(*args: str, env_file: Path, project: Path = ROOT) -> str:
+    """``docker compose ARGS`` on ``project``'s docker-compose.yml (the repository's)."""
     assert COMPOSE is not None
     env = {k: v for k, v in os.environ.items() if not _COMPOSE_VARS.match(k)}
     done = subprocess.run(
         [
             str(COMPOSE),
             "--project-directory",
-            str(ROOT),
+            str(project),
             "-f",
-            str(COMPOSE_FILE),
+            str(project / "docker-compose.yml"),
             "--env-file",
             str(env_file),
             *args,
         ],
-        cwd=ROOT,
+        cwd=project,
         env=env,
         capture_output=True,
         text=True,
@@ -608,6 +609,7 @@ def test_compose_services(tmp_path):
 
     grafana = services["grafana"]
     assert [(p["target"], p["published"]) for p in grafana["ports"]] == [(3000, "3000")]
+    assert "GF_SECURITY_ADMIN_PASSWORD" in grafana["environment"]
     assert Path(_volumes(grafana)["/etc/grafana/provisioning"]) == ROOT / "grafana/provisioning"
 
     for name, service in with_ollama["services"].items():
@@ -627,3 +629,146 @@ def test_env_example_and_gitignore():
     assert "OPENAI_API_KEY" in keys and "LMSTUDIO_BASE_URL" in keys
     for k in keys:
         assert "${" + k in compose_text, f".env.example sets {k}, which docker-compose.yml ignores"
+
+
+# --------------------------------------------------------------------------- compose, as a user runs it
+# A user's .env holds every service's settings side by side; each service gets only its own.
+
+SECRETS = {
+    "OPENAI_API_KEY": "sk-openai-secret-in-dotenv",
+    "GATEWAY_API_KEYS": "client-key-in-dotenv",
+    "GATEWAY_ADMIN_KEY": "admin-key-in-dotenv",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-password-in-dotenv",
+}
+
+
+def user_project(tmp_path: Path, dotenv: str) -> Path:
+    """A copy of the compose file beside a user's ``.env``, as in a clone."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(COMPOSE_FILE, project / "docker-compose.yml")
+    (project / ".env").write_text(dotenv)
+    return project
+
+
+def resolved(project: Path, *profile: str) -> dict[str, Any]:
+    out = compose(
+        *profile, "config", "--format", "json", env_file=project / ".env", project=project
+    )
+    return json.loads(out)["services"]
+
+
+@needs_compose
+def test_each_service_gets_only_its_own_variables(tmp_path):
+    example = (ROOT / ".env.example").read_text()
+    extra = "".join(f"{k}={v}\n" for k, v in SECRETS.items())
+    project = user_project(tmp_path, example + extra + "UNRELATED_SETTING=elsewhere\n")
+    services = resolved(project, "--profile", "ollama")
+
+    gateway = services["gateway"]["environment"]
+    assert gateway["OPENAI_API_KEY"] == SECRETS["OPENAI_API_KEY"]
+    assert gateway["GATEWAY_API_KEYS"] == SECRETS["GATEWAY_API_KEYS"]
+    assert gateway["GATEWAY_ADMIN_KEY"] == SECRETS["GATEWAY_ADMIN_KEY"]
+    leaked = {k for k in gateway if k.startswith(("GRAFANA", "GF_", "PROMETHEUS", "UNRELATED"))}
+    assert not leaked, f"the gateway is handed other services' settings: {sorted(leaked)}"
+    assert SECRETS["GRAFANA_ADMIN_PASSWORD"] not in gateway.values()
+
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    assert all(k.startswith("GF_") for k in grafana), sorted(grafana)
+    for name in ("prometheus", "ollama"):
+        assert not services[name].get("environment"), f"{name}: {services[name]['environment']}"
+        assert not services[name].get("env_file")
+    for name, service in services.items():
+        text = json.dumps(service)
+        for key, secret in SECRETS.items():
+            owner = "grafana" if key == "GRAFANA_ADMIN_PASSWORD" else "gateway"
+            assert name == owner or secret not in text, f"{name} is handed {key}"
+
+
+@needs_compose
+def test_ports_are_published_on_loopback_unless_asked(tmp_path):
+    project = user_project(tmp_path, "")
+    services = resolved(project, "--profile", "ollama")
+    published = {
+        name: [(p.get("host_ip"), p["target"]) for p in s.get("ports", [])]
+        for name, s in services.items()
+    }
+    assert published == {
+        "gateway": [("127.0.0.1", 8080)],
+        "prometheus": [("127.0.0.1", 9090)],
+        "grafana": [("127.0.0.1", 3000)],
+        "ollama": [],
+    }
+    (project / ".env").write_text("PUBLISH_ADDRESS=0.0.0.0\n")
+    services = resolved(project)
+    assert {p["host_ip"] for s in services.values() for p in s.get("ports", [])} == {"0.0.0.0"}
+
+
+@needs_compose
+def test_nothing_is_open_that_need_not_be(tmp_path):
+    services = resolved(user_project(tmp_path, ""), "--profile", "ollama")
+    # POST /-/quit and /-/reload would let anyone on the network stop Prometheus.
+    flags = services["prometheus"]["command"]
+    assert not [f for f in flags if f.startswith(("--web.enable-lifecycle", "--web.enable-admin"))]
+    grafana = services["grafana"]["environment"]
+    assert grafana.get("GF_AUTH_ANONYMOUS_ENABLED", "false") == "false"
+    assert grafana.get("GF_USERS_ALLOW_SIGN_UP", "false") == "false"
+
+
+@needs_compose
+def test_every_image_is_pinned(tmp_path):
+    services = resolved(user_project(tmp_path, ""), "--profile", "ollama")
+    for name, service in services.items():
+        if "build" in service:
+            continue  # built here from the Dockerfile
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag, f"{name}: {image} has no tag"
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not a pinned release"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert base == "python:3.11-slim-bookworm"  # Python 3.11 on a fixed Debian release
+
+
+def test_readme_says_what_to_change_on_the_host():
+    readme = (ROOT / "README.md").read_text()
+    compose_section = readme.split("### docker compose", 1)[1].split("\n### ", 1)[0]
+    # Both listen on 127.0.0.1 by default: a container cannot reach them there.
+    assert "OLLAMA_HOST=0.0.0.0" in compose_section
+    assert "Serve on Local Network" in compose_section
+    assert "works on Linux too" not in compose_section
+    assert "PUBLISH_ADDRESS" in compose_section
+
+
+# --------------------------------------------------------------------------- the failover order
+
+
+async def test_failover_order_is_exported(gateway, upstreams):
+    a, b = await upstreams("a"), await upstreams("b")
+    await gateway(a, b, b)  # a gateway before, with ollama third: it must not linger
+    settings = Settings(providers=tuple(reversed(provider_configs(a, b))))
+    app = create_app(settings, probes=False)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        positions = {
+            s.labels["provider"]: s.value
+            for family in REGISTRY.collect()
+            if family.name == "gateway_failover_position"
+            for s in family.samples
+        }
+        assert positions == {"lmstudio": 1, "openai": 2}
+    finally:
+        await runner.cleanup()
+
+
+def alert_expr(name: str) -> str:
+    (rule,) = [r for r in alert_rules() if r["alert"] == name]
+    return rule["expr"]
+
+
+def test_primary_alert_follows_the_failover_order():
+    expr = alert_expr("PrimaryProviderDown")
+    assert "gateway_failover_position" in expr
+    assert 'provider="openai"' not in expr  # the default setup has no OpenAI key
