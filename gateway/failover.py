@@ -287,6 +287,12 @@ def _give_up(call: Call, routes: list[Route[Provider]]) -> GatewayError:
     records = call.records
     outcomes = {r.outcome for r in records}
     attempts = "; ".join(r.describe() for r in records) or "no provider is configured"
+    if records and outcomes == {Outcome.UNSUPPORTED}:
+        return GatewayError(
+            404,
+            f"No provider serves /v1/{call.endpoint}. Attempts: {attempts}",
+            code="unsupported_endpoint",
+        )
     if records and outcomes <= {Outcome.MODEL_MISSING, Outcome.UNSUPPORTED}:
         return GatewayError(
             404,

