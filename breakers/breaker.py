@@ -76,6 +76,10 @@ class Permit:
     done: bool = False
 
 
+#: The kind of :class:`Cause` for a provider that stopped answering without dying.
+STALLED_KIND = "stalled"
+
+
 @dataclass(frozen=True, slots=True)
 class Cause:
     """Why a breaker counted a failure: a short kind and the upstream's words."""

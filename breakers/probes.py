@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from breakers.breaker import Cause, ProviderBreaker
+from breakers.breaker import STALLED_KIND, Cause, ProviderBreaker
 
 log = logging.getLogger("breakers.probes")
 
@@ -38,8 +38,9 @@ class Prober:
     A failed probe is one breaker failure, and a refused connection (the provider is
     switched off) opens the breaker at once; a good probe lets an open breaker go
     half-open and records which models are loaded. A probe that times out while
-    ``busy()`` is true (requests are in flight there) is not counted. ``on_result``
-    sees every result (for metrics).
+    ``progress(sent)`` says requests in flight there still got bytes since the probe was sent
+    is not counted (busy); one while they got none counts as a stall. ``on_result`` sees
+    every result (for metrics).
     """
 
     def __init__(
@@ -53,7 +54,7 @@ class Prober:
         timeout: float = 2.0,
         headers: Mapping[str, str] | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
-        busy: Callable[[], bool] | None = None,
+        progress: Callable[[float], bool | None] | None = None,
     ) -> None:
         self.name = name
         self.url = url
@@ -65,12 +66,13 @@ class Prober:
         self._session = session
         self._headers = dict(headers or {})
         self._on_result = on_result
-        self._busy = busy
+        self._progress = progress
         self._task: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set once the first probe has a result
 
     async def probe_once(self) -> ProbeResult:
         """Probe now, feed the breaker, and return what was seen."""
+        sent = asyncio.get_running_loop().time()
         start = time.perf_counter()
         error: str | None = None
         models: frozenset[str] | None = None
@@ -102,16 +104,22 @@ class Prober:
         except OSError as e:
             error = f"{type(e).__name__}: {e.strerror or e}"
         # Single-slot servers (llama.cpp) answer the model list only between generations:
-        # a slow probe while our own requests run there says nothing about its health.
-        inconclusive = timed_out and self._busy is not None and self._busy()
+        # a slow probe while requests there still get bytes back says nothing about its
+        # health (busy). A slow probe while requests wait and none gets a byte is a hung
+        # server (stalled), and counts.
+        progress = self._progress(sent) if timed_out and self._progress is not None else None
+        inconclusive = progress is True
         result = ProbeResult(time.time(), time.perf_counter() - start, error, models, inconclusive)
         self.last = result
         if error is None:
             self.models = models
             self.breaker.probe_succeeded()
         elif not inconclusive:
-            kind = "unreachable" if refused else "probe failed"
-            self.breaker.probe_failed(unreachable=refused, cause=Cause(kind, error))
+            if progress is False:
+                cause = Cause(STALLED_KIND, f"{error}, and no byte from it on any request since")
+            else:
+                cause = Cause("unreachable" if refused else "probe failed", error)
+            self.breaker.probe_failed(unreachable=refused, cause=cause)
         if self._on_result is not None:
             self._on_result(result)
         self.first.set()

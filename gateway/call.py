@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import Outcome
+from gateway.errors import Classified, Outcome
 
 if TYPE_CHECKING:
     import aiohttp
     from multidict import CIMultiDictProxy
 
+    from breakers import Permit, ProviderBreaker
     from gateway.sse import SSEParser
     from gateway.stream import StreamState
     from gateway.upstream import Lease, Provider
@@ -62,6 +63,14 @@ class Call:
     result: str = ""  # an Outcome value, or how the stream ended
     first_token_at: float | None = None  # perf_counter
     usage: dict[str, Any] | None = None
+    backoff: float = 0.0  # seconds slept in backoff, on any provider (one budget)
+    # Request-fault errors (see gateway.errors.request_fault): each provider's error shape,
+    # and the breaker verdicts held until the request is over.
+    refusals: list[tuple[Provider, str]] = field(default_factory=list)
+    deferred: list[tuple[tuple[ProviderBreaker, Permit], Classified]] = field(default_factory=list)
+    poisoned: bool = False  # two providers refused it alike: the request's own fault
+    waiting_on: str = ""  # the provider a cancelled request was waiting on
+    waited_for: float = 0.0  # and for how long
 
     @property
     def failover(self) -> bool:

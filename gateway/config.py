@@ -70,6 +70,7 @@ class ProviderConfig:
     quota_reset_timeout: float = 300.0
     probe_interval: float = 10.0
     probe_timeout: float = 2.0
+    stall_timeout: float = 10.0  # no byte for this long while a client gives up: hung
     max_retries: int = 2
     backoff_base: float = 0.25
     backoff_max: float = 2.0
@@ -448,6 +449,7 @@ def _build_provider(
         "response_timeout",
         "probe_interval",
         "probe_timeout",
+        "stall_timeout",
     ):
         if values.get(k, 1) <= 0:
             raise ConfigError(key(k), "must be positive")

@@ -8,6 +8,7 @@ it. :class:`GatewayError` is what the gateway itself answers, in OpenAI's error 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -43,6 +44,9 @@ class Outcome(StrEnum):
     DEADLINE = "deadline"
     # A pooled connection the server had closed: resent once, not the provider's failure.
     STALE_CONNECTION = "stale_connection"
+    # The attempt spent its share of the request's time while another provider was left
+    # to try: fail over, but the provider did not break its own timeout.
+    BUDGET = "budget_spent"
     # Skips: no request was sent.
     BREAKER_OPEN = "breaker_open"
     PROVIDER_FULL = "provider_full"
@@ -83,6 +87,7 @@ POLICY: dict[Outcome, Policy] = {
     Outcome.CANCELLED: Policy(False, False, _N),
     Outcome.DEADLINE: Policy(False, False, _N),
     Outcome.STALE_CONNECTION: Policy(False, False, _N),
+    Outcome.BUDGET: Policy(False, True, _N),
     Outcome.BREAKER_OPEN: Policy(False, True, _N),
     Outcome.PROVIDER_FULL: Policy(False, True, _N),
     Outcome.UNSUPPORTED: Policy(False, True, _N),
@@ -100,6 +105,7 @@ PHRASES = {
     Outcome.CONTEXT_TOO_LONG: "context length exceeded",
     Outcome.BAD_RESPONSE: "sent an invalid response",
     Outcome.DEADLINE: "ran out of the request's time",
+    Outcome.BUDGET: "took its share of the request's time",
     Outcome.BREAKER_OPEN: "circuit breaker open",
     Outcome.PROVIDER_FULL: "at its concurrency limit",
     Outcome.UNSUPPORTED: "does not support this endpoint",
@@ -320,3 +326,34 @@ class GatewayError(Exception):
             content_type="application/json",
             headers=headers,
         )
+
+
+# Words of an error about the request rather than the server: an unsupported parameter, a
+# schema the server cannot use, an endpoint the model does not serve.
+_REQUEST_WORDS = re.compile(
+    r"unsupported|not supported|does not support|invalid|must be|must have|is required"
+    r"|required (?:field|param)|missing (?:field|param|required)|unknown (?:field|param|arg)"
+    r"|unrecognized|schema|not implemented|not allowed|expected (?:a|an|one of)"
+)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+_NUMBER = re.compile(r"\d+")
+
+
+def request_fault(cls: Classified) -> bool:
+    """True for a server error that reads as the request's fault, not the server's.
+
+    llama.cpp answers 500 (or 501) to a parameter it does not support. Such an error is not
+    retried on the same provider: the same request gets the same answer.
+    """
+    return (
+        cls.outcome is Outcome.SERVER_ERROR
+        and cls.status in (500, 501)
+        and _REQUEST_WORDS.search(cls.detail.lower()) is not None
+    )
+
+
+def error_shape(cls: Classified) -> str:
+    """What an error says with its particulars (quoted values, numbers) blanked out, so
+    that two servers refusing the same request compare equal."""
+    text = _NUMBER.sub("#", _QUOTED.sub("?", cls.detail.lower()))
+    return f"{cls.status}:{' '.join(text.split())[:200]}"

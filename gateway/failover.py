@@ -18,12 +18,22 @@ from dataclasses import replace
 
 import aiohttp
 
+from breakers import Cause
 from gateway import metrics
 from gateway.call import AttemptRecord, Call, Reply, StreamStart
-from gateway.errors import PHRASES, POLICY, Classified, GatewayError, Outcome, classify_exception
+from gateway.errors import (
+    PHRASES,
+    POLICY,
+    Classified,
+    GatewayError,
+    Outcome,
+    classify_exception,
+    error_shape,
+    request_fault,
+)
 from gateway.routing import Route
 from gateway.stream import hold, read_answer
-from gateway.upstream import REUSED, Lease, Provider
+from gateway.upstream import REUSED, STALLED, Lease, Provider
 
 log = logging.getLogger("gateway")
 
@@ -57,15 +67,23 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
     """Try ``routes`` in order; return the first answer or raise :class:`GatewayError`."""
     if routes:
         call.first_route = routes[0].provider
+    try:
+        return await _walk(call, routes)
+    finally:
+        _settle_deferred(call)
+
+
+async def _walk(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
     loop = asyncio.get_running_loop()
     previous: AttemptRecord | None = None
     kept_reply: Reply | None = None  # a context_too_long answer, shown if nothing better
-    for route in routes:
+    for n, route in enumerate(routes):
         if loop.time() >= call.deadline:
             break
         if previous is not None:
             _log_failover(call, previous, route.provider)
-        result = await _try_provider(call, route)
+        others = any(_usable(call, later) for later in routes[n + 1 :])
+        result = await _try_provider(call, route, others)
         if isinstance(result, StreamStart):
             return result
         if isinstance(result, Reply):
@@ -87,6 +105,16 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
     if kept_reply is not None and sent <= {Outcome.CONTEXT_TOO_LONG}:
         return kept_reply  # the upstream's own 400 says it best
     raise _give_up(call, routes)
+
+
+def _usable(call: Call, route: Route[Provider]) -> bool:
+    """True when ``route`` could be tried now (for sharing the request's time)."""
+    provider = route.provider
+    return (
+        call.endpoint in provider.dialect.endpoints
+        and provider.usable()
+        and not provider.lacks_model(route.model)
+    )
 
 
 def _log_failover(call: Call, previous: AttemptRecord, to: Provider) -> None:
@@ -127,8 +155,14 @@ def _skip_open(call: Call, provider: Provider, wait: float = 0.0) -> None:
     _record(call, provider, cls, wait, cause.kind if cause is not None else "")
 
 
-async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamStart | None:
-    """Every try on one provider; None when the loop should move on."""
+async def _try_provider(
+    call: Call, route: Route[Provider], others: bool
+) -> Reply | StreamStart | None:
+    """Every try on one provider; None when the loop should move on.
+
+    ``others`` says whether another usable provider follows, so that this one may not
+    spend the whole of the request's remaining time.
+    """
     provider = route.provider
     cfg = provider.config
     loop = asyncio.get_running_loop()
@@ -154,7 +188,7 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
         wait = 0.0
         stale_resent = False
         while True:
-            cls, answer = await _send(call, provider, data, lease)
+            cls, answer = await _send(call, provider, data, lease, others)
             if cls is _STALE:
                 if not stale_resent:
                     stale_resent = True
@@ -163,13 +197,23 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
                 cls = _CLOSED_AGAIN
             if cls.detail:  # an upstream's words: they may quote the key back
                 cls = replace(cls, detail=provider.redact.text(cls.detail))
+            _record(call, provider, cls, wait)
             if isinstance(answer, StreamStart):
                 handed_over = True
-            else:
-                lease.judge(cls.outcome, _open_for(cls, provider), cls.detail)
-            _record(call, provider, cls, wait)
-            if answer is not None:  # an answer, or an error the client must see (_KEPT)
                 return answer
+            if answer is not None and answer.outcome in _KEPT:
+                lease.judge(cls.outcome)
+                return answer
+            if request_fault(cls):
+                # Judged once the request is over: if another provider refuses it the same
+                # way, it is the request's fault and no breaker is charged.
+                call.deferred.append((lease.detach(), cls))
+                if _refused_alike(call, provider, cls) and answer is not None:
+                    call.poisoned = True
+                    return answer  # the upstream's own words say it best
+                call.refusals.append((provider, error_shape(cls)))
+                return None
+            lease.judge(cls.outcome, _open_for(cls, provider), cls.detail)
             if not POLICY[cls.outcome].retry_same or tries >= cfg.max_retries:
                 return None
             delay = (
@@ -177,10 +221,13 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
                 if cls.retry_after is not None
                 else random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2**tries))
             )
-            if delay > cfg.max_retry_wait or loop.time() + delay >= call.deadline:
+            # One backoff budget for the whole request: a request sleeps through a long
+            # Retry-After at most once, whichever provider asked for it.
+            if call.backoff + delay > cfg.max_retry_wait or loop.time() + delay >= call.deadline:
                 return None  # the wait asked for is too long: fail over at once
             await asyncio.sleep(delay)
             call.waited += delay
+            call.backoff += delay
             permit = provider.breaker.try_acquire()
             if permit is None:  # opened meanwhile, or another request is the half-open trial
                 _skip_open(call, provider, delay)
@@ -191,6 +238,23 @@ async def _try_provider(call: Call, route: Route[Provider]) -> Reply | StreamSta
     finally:
         if not handed_over:
             lease.finish(Outcome.CANCELLED)
+
+
+def _refused_alike(call: Call, provider: Provider, cls: Classified) -> bool:
+    """True when another provider refused this request with the same error."""
+    shape = error_shape(cls)
+    return any(p is not provider and s == shape for p, s in call.refusals)
+
+
+def _settle_deferred(call: Call) -> None:
+    """Give the breakers their verdicts on request-fault errors, once the request is over:
+    nothing when two providers refused it alike (the request's fault), else a failure."""
+    for (breaker, permit), cls in call.deferred:
+        if call.poisoned:
+            breaker.release(permit)
+        else:
+            breaker.record_failure(permit, None, Cause(cls.outcome.value, cls.detail))
+    call.deferred.clear()
 
 
 async def _take_slot(call: Call, lease: Lease) -> bool:
@@ -228,20 +292,27 @@ def _open_for(cls: Classified, provider: Provider) -> float | None:
 
 
 async def _send(
-    call: Call, provider: Provider, data: bytes, lease: Lease
+    call: Call, provider: Provider, data: bytes, lease: Lease, others: bool
 ) -> tuple[Classified, Reply | StreamStart | None]:
     """One request to one provider, up to a complete body or a stream's first token."""
     cfg = provider.config
     session = provider.session
     assert session is not None  # started by the app's cleanup context
-    remaining = call.deadline - asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+    remaining = call.deadline - sent_at
     own = cfg.first_token_timeout if call.stream else cfg.response_timeout
-    limit = min(own, remaining)
+    # With another provider left, leave it half of the time that remains.
+    share = remaining / 2 if others else remaining
+    limit = min(own, share)
     url = provider.dialect.url(cfg.base_url, call.endpoint)
     headers = {**provider.headers, "X-Request-Id": call.request_id}
     start = time.perf_counter()
     resp: aiohttp.ClientResponse | None = None
     handed_over = False
+    task = asyncio.current_task()
+    assert task is not None
+    provider.waiting.add(task)  # cancelled with STALLED if the provider is found hung
     REUSED.set(False)
     try:
         async with asyncio.timeout(limit):
@@ -253,14 +324,17 @@ async def _send(
                 if REUSED.get() and time.perf_counter() - start < _STALE_WITHIN:
                     return _STALE, None
                 raise
+            provider.last_byte = loop.time()
             if resp.status >= 300 or not call.stream:
-                return await read_answer(provider, resp, _KEPT)
+                return await read_answer(provider, resp)
             cls, start_ = await hold(lease, resp, call.request_id)
             handed_over = start_ is not None
             return cls, start_
     except TimeoutError as e:
-        if remaining <= own:  # the request's own deadline, not the provider's timeout
+        if limit >= remaining:  # the request's own deadline, not the provider's timeout
             return Classified(Outcome.DEADLINE, "request deadline reached"), None
+        if limit < own:  # this provider's share: the next one gets the rest
+            return Classified(Outcome.BUDGET, f"no answer within its {limit:.1f}s share"), None
         if resp is None and isinstance(e, aiohttp.ServerTimeoutError):
             return Classified(
                 Outcome.TIMEOUT, f"connect timed out after {cfg.connect_timeout:g}s"
@@ -269,10 +343,35 @@ async def _send(
         return Classified(Outcome.TIMEOUT, f"no {what} within {limit:g}s"), None
     except (aiohttp.ClientError, OSError) as e:
         return classify_exception(e), None
+    except asyncio.CancelledError as e:
+        provider.waiting.discard(task)
+        waited = loop.time() - sent_at
+        if e.args == (STALLED,):  # the breaker opened on a hung provider: go elsewhere
+            task.uncancel()
+            detail = f"provider stalled: no byte for {waited:.1f}s"
+            return Classified(Outcome.TIMEOUT, detail), None
+        _gave_up(call, provider, lease, waited, sent_at)
+        raise
     finally:
+        provider.waiting.discard(task)
         call.waited += time.perf_counter() - start
         if resp is not None and not handed_over:
             resp.close()
+
+
+def _gave_up(call: Call, provider: Provider, lease: Lease, waited: float, sent_at: float) -> None:
+    """The client left (or the gateway is stopping) while ``provider`` had not answered.
+
+    The attempt is recorded with how long it waited. A client that gave up after
+    ``stall_timeout`` with no byte from the provider on any request since this one was sent
+    is evidence of a hung provider: one breaker failure (the request's own timeout, which
+    would have counted too, never fires now).
+    """
+    detail = f"the client left after {waited:.1f}s waiting on {provider.display_name}"
+    _record(call, provider, Classified(Outcome.CANCELLED, detail))
+    call.waiting_on, call.waited_for = provider.name, waited
+    if waited >= provider.config.stall_timeout and provider.last_byte < sent_at:
+        lease.judge(Outcome.TIMEOUT, None, f"stalled: no byte for {waited:.1f}s")
 
 
 def _busy(record: AttemptRecord) -> bool:
@@ -302,7 +401,8 @@ def _give_up(call: Call, routes: list[Route[Provider]]) -> GatewayError:
     hints = [p.breaker.retry_in() for p in {r.provider for r in routes}]
     hints += [r.retry_after for r in records if r.retry_after is not None]
     positive = [h for h in hints if h > 0]
-    retry_after = max(1, math.ceil(min(positive))) if positive else 1
+    # Jittered, so that clients that honour it do not all come back in the same second.
+    retry_after = max(1, math.ceil(min(positive) * random.uniform(1.0, 1.2))) if positive else 1
     candidates = [r for r in records if r.outcome not in _NOT_CANDIDATES]
     if Outcome.DEADLINE in outcomes:
         status, type_, code, why = _TOO_LATE

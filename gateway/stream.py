@@ -202,31 +202,30 @@ async def read_body(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool
 
 
 async def read_answer(
-    provider: Provider, resp: aiohttp.ClientResponse, keep: frozenset[Outcome]
+    provider: Provider, resp: aiohttp.ClientResponse
 ) -> tuple[Classified, Reply | None]:
     """Read a complete (non-stream or error) answer within its bound and judge it."""
     if resp.status >= 300:
         body, _ = await read_body(resp, ERROR_BODY_BYTES)  # classified from its start
-        return judge_body(provider, resp, body, keep)
+        return judge_body(provider, resp, body)
     cap = provider.settings.max_response_bytes
     body, more = await read_body(resp, cap)
     if more:
         return Classified(Outcome.BAD_RESPONSE, f"answer larger than {cap} bytes"), None
-    return judge_body(provider, resp, body, keep)
+    return judge_body(provider, resp, body)
 
 
 def judge_body(
-    provider: Provider, resp: aiohttp.ClientResponse, body: bytes, keep: frozenset[Outcome]
+    provider: Provider, resp: aiohttp.ClientResponse, body: bytes
 ) -> tuple[Classified, Reply | None]:
-    """Classify a complete upstream response; a Reply when its outcome is in ``keep``."""
+    """Classify a complete upstream response: a Reply for an answer or an upstream error
+    (which the loop may pass on), None when the body is not a valid answer."""
     status = resp.status
     if 300 <= status < 400:  # redirects are never followed: the prompt stays where it was sent
         return Classified(Outcome.BAD_RESPONSE, f"redirect ({status}) not followed", status), None
     if status >= 400:
         cls = classify_response(status, body, resp.headers)
-        if cls.outcome not in keep:
-            return cls, None
-        # Passed to the client as is, but for any secret the upstream quoted back.
+        # Maybe passed to the client as is, but for any secret the upstream quoted back.
         return cls, Reply(provider, cls.outcome, status, resp.headers, provider.redact.data(body))
     try:
         parsed = orjson.loads(body)
@@ -248,7 +247,7 @@ async def hold(
     provider = lease.provider
     if resp.content_type != "text/event-stream":
         body, _ = await read_body(resp, ERROR_BODY_BYTES)
-        cls, _ = judge_body(provider, resp, body, frozenset())
+        cls, _ = judge_body(provider, resp, body)
         if cls.outcome is Outcome.OK:
             what = resp.headers.get("Content-Type", "")
             cls = Classified(Outcome.BAD_RESPONSE, f"expected an event stream, got {what!r}")
@@ -259,8 +258,10 @@ async def hold(
     held: list[bytes] = []
     held_bytes = 0
     content = resp.content
+    loop = asyncio.get_running_loop()
     while not state.output:
         chunk = await content.readany()
+        provider.last_byte = loop.time()
         try:
             if chunk:
                 state.take(parser.feed(chunk), held)
@@ -398,6 +399,7 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
                 watchdog.watch(now, watchdog.idle)
                 try:
                     chunk = await content.readany()
+                    provider.last_byte = loop.time()
                 except asyncio.CancelledError:
                     if not watchdog.fired:
                         raise

@@ -7,6 +7,7 @@ configured provider for the life of the process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from contextvars import ContextVar
@@ -15,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiobreaker import CircuitBreakerListener
 
-from breakers import Cause, Permit, Prober, ProbeResult, ProviderBreaker, State
+from breakers import STALLED_KIND, Cause, Permit, Prober, ProbeResult, ProviderBreaker, State
 from breakers.breaker import state_of
 from gateway import metrics
 from gateway.config import ProviderConfig, Settings
@@ -25,6 +26,10 @@ from gateway.providers import Dialect
 from gateway.redact import Redactor
 
 log = logging.getLogger("gateway")
+
+#: The cancel message that moves requests off a provider found hung (its breaker opened
+#: because nothing came back from it): they fail over instead of waiting out their timeout.
+STALLED = "provider stalled"
 
 #: Set by the connector for the request being sent in this task: True when its
 #: connection came from the pool (it may have been closed by the server meanwhile).
@@ -59,18 +64,18 @@ class _Connector(aiohttp.TCPConnector):
 class _BreakerMetrics(CircuitBreakerListener):
     """Mirrors breaker transitions into Prometheus and the log, with their cause."""
 
-    def __init__(self, provider: str, display_name: str, where: str) -> None:
-        self.provider = provider
-        self.display_name = display_name
-        self.where = where
-        self.breaker: ProviderBreaker | None = None
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider.name
+        self.display_name = provider.display_name
+        self.where = provider.config.base_url
+        self.owner = provider
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         old, new = state_of(old_state), state_of(new_state)
         metrics.BREAKER_STATE.labels(self.provider).set(metrics.BREAKER_STATE_VALUES[new])
         metrics.BREAKER_TRANSITIONS.labels(self.provider, old.value, new.value).inc()
-        breaker = self.breaker
-        if new is State.OPEN and breaker is not None:
+        breaker = self.owner.breaker
+        if new is State.OPEN:
             # Once per opening: what failed, where, and what the gateway does about it.
             log.warning(
                 "%s circuit breaker %s -> open: %s at %s; requests skip it for %.0fs",
@@ -80,6 +85,8 @@ class _BreakerMetrics(CircuitBreakerListener):
                 self.where,
                 breaker.open_remaining(),
             )
+            if breaker.cause is not None and breaker.cause.kind == STALLED_KIND:
+                self.owner.abandon_waiting()
         else:
             log.info("%s circuit breaker %s -> %s", self.display_name, old.value, new.value)
 
@@ -97,11 +104,13 @@ class Provider:
         self.settings = settings  # the gateway-wide bounds: event, held and body sizes
         self.redact = redactor
         self.headers = dialect.headers(config.api_key)
-        listener = _BreakerMetrics(config.name, config.display_name, config.base_url)
         self.breaker = ProviderBreaker(
-            config.name, config.fail_max, config.reset_timeout, listeners=[listener]
+            config.name, config.fail_max, config.reset_timeout, listeners=[_BreakerMetrics(self)]
         )
-        listener.breaker = self.breaker
+        # Progress, to tell a busy provider from a hung one: when a byte last came back from
+        # it (loop time), and the requests waiting for its first byte.
+        self.last_byte = 0.0
+        self.waiting: set[asyncio.Task[Any]] = set()
         self.limiter = Limiter(config.max_concurrency, config.max_queue)
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
         self.session: aiohttp.ClientSession | None = None
@@ -137,7 +146,7 @@ class Provider:
             timeout=cfg.probe_timeout,
             headers=self.headers,
             on_result=self._on_probe,
-            busy=lambda: self.inflight > 0,
+            progress=self.progress_since,
         )
         if probes:
             self.prober.start()
@@ -169,6 +178,18 @@ class Provider:
         if self.config.model is None or not models:
             return False
         return model not in models and f"{model}:latest" not in models
+
+    def progress_since(self, since: float) -> bool | None:
+        """None when nothing is in flight here; else whether any request in flight got a
+        byte back since loop time ``since`` (busy) or none did (stalled)."""
+        if self.inflight == 0:
+            return None
+        return self.last_byte >= since
+
+    def abandon_waiting(self) -> None:
+        """Move every request still waiting for this provider's first byte elsewhere."""
+        for task in list(self.waiting):
+            task.cancel(STALLED)
 
     @property
     def inflight(self) -> int:
@@ -208,6 +229,12 @@ class Lease:
             breaker.record_failure(self.permit, open_for, Cause(outcome.value, detail))
         else:
             breaker.release(self.permit)
+
+    def detach(self) -> tuple[ProviderBreaker, Permit]:
+        """Take the permit away for a verdict given later; the lease keeps only its slot."""
+        permit = self.permit
+        self.permit = Permit(permit.trial, permit.epoch, done=True)
+        return self.provider.breaker, permit
 
     def commit(self) -> None:
         """A stream reached its first token.
