@@ -262,7 +262,7 @@ def _finish(call: Call, known: frozenset[str]) -> None:
     chain = ">".join(r.provider.name + ":" + r.outcome.value for r in call.records)
     log.info(
         "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "
-        "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s",
+        "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s%s",
         call.request_id,
         call.model[:100],
         stream,
@@ -274,6 +274,10 @@ def _finish(call: Call, known: frozenset[str]) -> None:
         elapsed * 1000,
         ttft or "-",
         tokens or "-",
+        # A request that ended while an upstream had not answered says which, for how long.
+        f" waiting_on={call.waiting_on} waited_ms={call.waited_for * 1000:.0f}"
+        if call.waiting_on
+        else "",
     )
 
 

@@ -180,11 +180,11 @@ class Provider:
         return model not in models and f"{model}:latest" not in models
 
     def progress_since(self, since: float) -> bool | None:
-        """None when nothing is in flight here; else whether any request in flight got a
-        byte back since loop time ``since`` (busy) or none did (stalled)."""
-        if self.inflight == 0:
-            return None
-        return self.last_byte >= since
+        """True when a byte came back from this provider since loop time ``since`` (busy);
+        False when requests are in flight and none did (stalled); None when idle."""
+        if self.last_byte >= since:
+            return True
+        return False if self.inflight else None
 
     def abandon_waiting(self) -> None:
         """Move every request still waiting for this provider's first byte elsewhere."""
