@@ -40,14 +40,16 @@ class Scenario:
     status: int = 200
     overrides: dict[str, Any] = field(default_factory=dict)
     text: bool = True  # the answer has content text (an empty answer, or only reasoning, not)
+    fallback: Callable[[], fu.Behaviour] | None = None  # the fallback's own fault, if any
+    hung: bool = False  # the primary's model list hangs too (probes run)
 
     @property
     def provider(self) -> str:
-        return "lmstudio" if self.sees == FALLBACK else "openai"
+        return "lmstudio" if self.sees == FALLBACK or self.fallback else "openai"
 
     @property
     def attempts(self) -> int:
-        return 2 if self.sees == FALLBACK else 1
+        return 2 if self.sees == FALLBACK or self.fallback else 1
 
 
 def attempts_metric(outcome: str) -> tuple[str, dict[str, str]]:
@@ -56,6 +58,14 @@ def attempts_metric(outcome: str) -> tuple[str, dict[str, str]]:
 
 def cut_metric(reason: str) -> tuple[str, dict[str, str]]:
     return "gateway_stream_interruptions_total", {"provider": "openai", "reason": reason}
+
+
+def opened_metric() -> tuple[str, dict[str, str]]:
+    return "gateway_breaker_transitions_total", {"provider": "openai", "from_state": "closed", "to_state": "open"}  # fmt: skip
+
+
+def refusal() -> fu.Behaviour:
+    return fu.openai_error(500, "Unsupported param: response_format", "server_error", None)
 
 
 def header_error(status: int) -> Callable[[], fu.Behaviour]:
@@ -110,6 +120,9 @@ SCENARIOS = [
     Scenario('`"error": null` in every chunk', lambda: fu.stream(error_null=True), True, COMPLETE, attempts_metric("ok"), breaker="closed"),
     Scenario("`Content-Type: Text/Event-Stream`", lambda: fu.stream(content_type="Text/Event-Stream"), True, COMPLETE, attempts_metric("ok"), breaker="closed"),
     Scenario("body ends in a later read than `[DONE]`", lambda: fu.stream(end_delay=0.1), True, COMPLETE, attempts_metric("ok"), breaker="closed"),
+    Scenario("hung (accepts, answers nothing, its model list hangs too)", fu.silent, True, FALLBACK, opened_metric(), overrides={"probe_timeout": 0.2, "first_token_timeout": 60}, hung=True),
+    Scenario("a request-fault 500 (`Unsupported param`) from the fallback too", refusal, False, AS_IS, attempts_metric("server_error"), breaker="closed", status=500, fallback=refusal),
+    Scenario("a request-fault 500 (`Unsupported param`) that the fallback answers", refusal, False, FALLBACK, attempts_metric("server_error")),
 ]  # fmt: skip
 
 
@@ -120,13 +133,24 @@ def metric(name: str, labels: dict[str, str]) -> float:
 @pytest.mark.parametrize("s", SCENARIOS, ids=[s.name for s in SCENARIOS])
 async def test_scenario(s: Scenario, gateway, upstreams, refused_url):
     b = await upstreams("b")
+    if s.fallback is not None:
+        b.default = s.fallback()
     if s.fault is None:
         primary: Any = refused_url
     else:
         primary = await upstreams("a")
         primary.default = s.fault()
+        if s.hung:
+            primary.models_delay = 3600
+    probes = {"probes": True, "probe_interval": 0.05} if s.hung else {}
     client = await gateway(
-        primary, b, fail_max=1, max_retries=0, reset_timeout=60, per={"openai": s.overrides}
+        primary,
+        b,
+        fail_max=1,
+        max_retries=0,
+        reset_timeout=60,
+        per={"openai": s.overrides},
+        **probes,
     )
     before = metric(*s.metric)
     resp = await client.post("/v1/chat/completions", json=chat(stream=s.stream))
