@@ -70,7 +70,7 @@ class ProviderConfig:
     quota_reset_timeout: float = 300.0
     probe_interval: float = 10.0
     probe_timeout: float = 2.0
-    stall_timeout: float = 10.0  # no byte for this long while a client gives up: hung
+    stall_timeout: float = 5.0  # no byte for this long while a client gives up: hung
     max_retries: int = 2
     backoff_base: float = 0.25
     backoff_max: float = 2.0

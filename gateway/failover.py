@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import aiohttp
 
-from breakers import Cause
+from breakers import STALLED_KIND, Cause
 from gateway import metrics
 from gateway.call import AttemptRecord, Call, Reply, StreamStart
 from gateway.errors import (
@@ -371,7 +371,8 @@ def _gave_up(call: Call, provider: Provider, lease: Lease, waited: float, sent_a
     _record(call, provider, Classified(Outcome.CANCELLED, detail))
     call.waiting_on, call.waited_for = provider.name, waited
     if waited >= provider.config.stall_timeout and provider.last_byte < sent_at:
-        lease.judge(Outcome.TIMEOUT, None, f"stalled: no byte for {waited:.1f}s")
+        why = f"no byte for {waited:.1f}s, and the client gave up"
+        provider.breaker.record_failure(lease.permit, None, Cause(STALLED_KIND, why))
 
 
 def _busy(record: AttemptRecord) -> bool:

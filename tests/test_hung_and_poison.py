@@ -80,13 +80,16 @@ async def test_a_client_giving_up_on_a_silent_provider_is_evidence(gateway, upst
     caplog.set_level(logging.INFO, logger="gateway")
     a = await upstreams("a")
     a.default = fu.silent()
-    client = await gateway(a, stall_timeout=0.3, first_token_timeout=60, response_timeout=60)
+    client = await gateway(
+        a, stall_timeout=0.3, first_token_timeout=60, response_timeout=60, fail_max=1
+    )
     task = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat()))
     await wait_until(lambda: len(a.requests) == 1)
     await asyncio.sleep(0.5)
     task.cancel()
-    await wait_until(lambda: provider(client).breaker.fail_counter == 1)
-    assert provider(client).breaker.state is State.CLOSED  # one piece of evidence, fail_max 5
+    breaker = provider(client).breaker
+    await wait_until(lambda: breaker.state is State.OPEN)
+    assert breaker.fail_counter == 1 and breaker.cause.kind == STALLED_KIND
     line = await_line(caplog, "outcome=cancelled")
     assert "waiting_on=openai" in line and "attempts=1" in line and "chain=openai:cancelled" in line
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 
 from tests.e2e.conftest import chat_answer, chat_stream, port_refuses
@@ -59,3 +60,54 @@ async def test_primary_frozen_then_thawed(primary, fallback, real_gateway):
         assert headers["x-gateway-provider"] == "lmstudio"
         assert headers["x-gateway-failover"] == "false"
         assert text.strip()
+
+
+async def test_frozen_while_idle_is_routed_around(primary, fallback, real_gateway):
+    """SIGSTOP while idle: probes time out with nothing in flight, clients give up with no
+    byte back; that evidence opens the breaker as `stalled`, which moves the requests still
+    waiting on the primary to the fallback. A client that states its deadline is answered
+    by the fallback within it from the first request on."""
+    gw = await real_gateway(
+        primary,
+        fallback,
+        defaults={
+            "probe_interval": 2.0,
+            "probe_timeout": 1.0,
+            "fail_max": 3,
+            "first_token_timeout": 30.0,
+            "response_timeout": 30.0,
+            "stall_timeout": 2.0,
+        },
+    )
+    primary.sigstop()
+    try:
+        named = openai.AsyncOpenAI(
+            base_url=gw.base_url,
+            api_key="k",
+            max_retries=0,
+            timeout=10.0,
+            default_headers={"x-gateway-timeout": "8"},
+        )
+        async with named as sdk:
+            headers, text, _, _ = await chat_answer(sdk)
+        assert headers["x-gateway-provider"] == "ollama"  # within its own 8 s
+        assert text.strip()
+
+        outcomes: list[str] = []
+        async with openai.AsyncOpenAI(
+            base_url=gw.base_url, api_key="k", max_retries=0, timeout=4.0
+        ) as sdk:
+            for _ in range(10):  # bounded: at most 10 requests of at most 4 s
+                try:
+                    headers, text, _, _ = await chat_answer(sdk)
+                    outcomes.append(headers["x-gateway-provider"])
+                except openai.APITimeoutError:
+                    outcomes.append("gave up")
+                if outcomes[-2:] == ["ollama", "ollama"]:
+                    break
+        assert outcomes[-2:] == ["ollama", "ollama"], outcomes
+        report = await gw.providers()
+        assert report["lmstudio"]["state"] == "open"
+        assert await gw.attempts("lmstudio", "breaker_open") >= 1
+    finally:
+        primary.sigcont()
