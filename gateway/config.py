@@ -10,6 +10,7 @@ The seed's environment variables keep their meaning (``OPENAI_API_KEY``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -144,6 +145,8 @@ def _coerce(key: str, kind: str, value: Any) -> Any:
             raise ConfigError(key, f"must be a number, got {value!r}")
         if kind == "int" and not float(value).is_integer():
             raise ConfigError(key, f"must be a whole number, got {value!r}")
+        if not math.isfinite(value):  # inf and nan pass the checks below
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value!r}")
         return float(value) if kind == "float" else int(value)

@@ -213,6 +213,22 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     return resp
 
 
+# Upstream usage counts are untrusted: no context window comes near a billion tokens.
+_MAX_TOKENS = 10**9
+
+
+def _token_count(value: Any) -> int | None:
+    """A usage count fit for metrics and the log, or None: a negative count would make the
+    counter raise (and the answer a 500), a string could forge a log line."""
+    if type(value) is int and 0 <= value <= _MAX_TOKENS:  # not bool, not float
+        return value
+    return None
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def _finish(call: Call, known: frozenset[str]) -> None:
     """Metrics and the one log line of a finished request."""
     elapsed = time.perf_counter() - call.started
@@ -233,12 +249,14 @@ def _finish(call: Call, known: frozenset[str]) -> None:
     tokens = ""
     usage = call.usage
     if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
+        prompt = _token_count(usage.get("prompt_tokens"))
+        completion = _token_count(usage.get("completion_tokens"))
+        if prompt is not None:
             metrics.TOKENS.labels(provider, "prompt").inc(prompt)
-        if isinstance(completion, int):
+        if completion is not None:
             metrics.TOKENS.labels(provider, "completion").inc(completion)
-        tokens = f"{prompt}/{completion}"
+        if prompt is not None or completion is not None:
+            tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
     chain = ">".join(r.provider.name + ":" + r.outcome.value for r in call.records)
     log.info(
         "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "

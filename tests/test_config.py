@@ -147,3 +147,21 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
         "gateway: configuration error: FAILOVER_ORDER: unknown provider 'nope' (known: openai, lmstudio, ollama)"
     ]
     assert "sk-secret-value" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "key"),
+    [
+        ({"GATEWAY_REQUEST_TIMEOUT": "inf"}, "", "GATEWAY_REQUEST_TIMEOUT"),
+        ({"GATEWAY_SHUTDOWN_GRACE": "nan"}, "", "GATEWAY_SHUTDOWN_GRACE"),
+        ({}, "[defaults]\nquota_reset_timeout = inf\n", "defaults.quota_reset_timeout"),
+        ({}, "[providers.lmstudio]\nreset_timeout = nan\n", "providers.lmstudio.reset_timeout"),
+    ],
+)
+def test_numbers_must_be_finite(tmp_path, env, toml, key):
+    """inf and nan pass a `< 0` check; an open breaker for inf seconds has no reopen time."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
+    assert info.value.key == key
