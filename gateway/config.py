@@ -122,12 +122,37 @@ _GATEWAY_FIELDS = {
 }
 
 
+def _shown(url: str) -> str:
+    """``url`` fit for an error message: user info, query and fragment may hold secrets."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, sep, rest = "", "", url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    path = path.partition("?")[0].partition("#")[0]
+    return f"{scheme}{sep}{authority}{slash}{path}"
+
+
 def normalize_base_url(url: str, key: str) -> str:
-    """Return ``url`` with a trailing ``/v1`` and no trailing slash."""
+    """Return ``url`` with a trailing ``/v1`` and no trailing slash.
+
+    Credentials in the URL (``http://user:pass@host``) are refused rather than supported:
+    the password would show wherever the URL does (``/admin/providers``, logs), and aiohttp
+    refuses a request that has both URL credentials and an ``Authorization`` header.
+    """
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
+        raise ConfigError(key, f"must be an http(s) URL, got {_shown(url)!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            key,
+            f"must not contain a user name or password ({_shown(url)!r}); "
+            "give the provider's key as its API key instead",
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(key, f"must not have a query string or fragment ({_shown(url)!r})")
     if not url.endswith("/v1"):
         url += "/v1"
     return url

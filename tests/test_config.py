@@ -165,3 +165,50 @@ def test_numbers_must_be_finite(tmp_path, env, toml, key):
     with pytest.raises(ConfigError) as info:
         load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "key"),
+    [
+        ({"OPENAI_BASE_URL": "http://alice:s3cr3t-pa55@127.0.0.1:9/v1"}, "", "OPENAI_BASE_URL"),
+        ({"OLLAMA_BASE_URL": "http://:s3cr3t-pa55@gpu-box:11434"}, "", "OLLAMA_BASE_URL"),
+        ({"LMSTUDIO_BASE_URL": "http://s3cr3t-pa55@gpu-box:1234"}, "", "LMSTUDIO_BASE_URL"),
+        ({"LMSTUDIO_BASE_URL": "ftp://bob:s3cr3t-pa55@gpu-box"}, "", "LMSTUDIO_BASE_URL"),
+        (
+            {},
+            "[providers.x]\nbase_url = 'https://proxy/v1?api-key=s3cr3t-pa55'\n",
+            "providers.x.base_url",
+        ),
+        ({}, "[providers.x]\nbase_url = 'https://u:s3cr3t-pa55@proxy'\n", "providers.x.base_url"),
+    ],
+)
+def test_base_url_credentials_are_refused_without_echo(tmp_path, env, toml, key):
+    """A password in a base URL would show in /admin/providers and the logs, and with an
+    API key set aiohttp refuses every request (two sources of Authorization)."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
+    assert info.value.key == key
+    assert "s3cr3t-pa55" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_base_url_credentials_are_one_line_without_the_password():
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENAI_API_KEY": "sk-secret-value",
+        "OPENAI_BASE_URL": "http://alice:s3cr3t-pa55@127.0.0.1:9/v1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gateway: configuration error: OPENAI_BASE_URL:")
+    assert "s3cr3t-pa55" not in proc.stderr + proc.stdout
