@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from gateway.config import ConfigError, load_settings
+from gateway.logsafe import SafeFormatter
 
 log = logging.getLogger("gateway")
 
@@ -86,9 +87,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    # Escapes CR, LF and ANSI in every message: strings from clients and upstreams reach
+    # some of them (model names, upstream error messages).
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = _parse_args(argv)
     try:
         asyncio.run(serve(args))

@@ -19,6 +19,7 @@ from gateway.auth import auth_middleware
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.failover import Call, Reply, run
+from gateway.logsafe import escape
 from gateway.providers import DIALECTS
 from gateway.providers.base import Provider
 from gateway.relay import SHUTDOWN_REASON, gateway_headers, relay_stream, reply_response
@@ -262,7 +263,7 @@ def _finish(call: Call, known: frozenset[str]) -> None:
         "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "
         "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s",
         call.request_id,
-        call.model[:100],
+        escape(call.model, 100),  # a client's string: no CR, LF or ANSI in the log
         stream,
         provider,
         status,
