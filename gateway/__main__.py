@@ -37,6 +37,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     """Run the gateway until a stop signal arrives."""
+    from gateway.connections import GatewayRunner
     from gateway.demo import start_demo_upstreams
     from gateway.server import create_app, drain
 
@@ -53,8 +54,9 @@ async def serve(args: argparse.Namespace) -> None:
     port = args.port or settings.port
 
     app = create_app(settings)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
+        settings,  # client header/body timeouts, idle keep-alive, the connection cap
         handler_cancellation=True,  # a client that leaves cancels its upstream call at once
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
     )

@@ -92,6 +92,15 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     shutdown_grace: float = 30.0
+    # Client connections (nginx's names and defaults): a request's headers must arrive
+    # within client_header_timeout (from the connection's start, or from the first byte of
+    # a later request), no read of its body may wait longer than client_body_timeout, an
+    # idle keep-alive connection is closed after keepalive_timeout, and no more than
+    # max_client_connections are open at once.
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_client_connections: int = 1024
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
 
     def provider(self, name: str) -> ProviderConfig:
@@ -116,6 +125,10 @@ _GATEWAY_FIELDS = {
     "log_level": "str",
     "access_log": "bool",
     "shutdown_grace": "float",
+    "client_header_timeout": "float",
+    "client_body_timeout": "float",
+    "keepalive_timeout": "float",
+    "max_client_connections": "int",
     "admin_loopback_only": "bool",
     "api_keys_file": "str",
     "failover_order": "list",
@@ -265,6 +278,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ("GATEWAY_MAX_BODY_BYTES", "max_body_bytes"),
         ("GATEWAY_LOG_LEVEL", "log_level"),
         ("GATEWAY_SHUTDOWN_GRACE", "shutdown_grace"),
+        ("GATEWAY_CLIENT_HEADER_TIMEOUT", "client_header_timeout"),
+        ("GATEWAY_CLIENT_BODY_TIMEOUT", "client_body_timeout"),
+        ("GATEWAY_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
+        ("GATEWAY_MAX_CLIENT_CONNECTIONS", "max_client_connections"),
         ("GATEWAY_ADMIN_LOOPBACK_ONLY", "admin_loopback_only"),
         ("GATEWAY_API_KEYS_FILE", "api_keys_file"),
         ("FAILOVER_ORDER", "failover_order"),
@@ -313,6 +330,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("request_timeout", "must be positive")
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes", "must be at least 1024")
+    for k in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
+        if getattr(settings, k) <= 0:
+            raise ConfigError(k, "must be positive")
+    if settings.max_client_connections < 1:
+        raise ConfigError("max_client_connections", "must be at least 1")
     return settings
 
 

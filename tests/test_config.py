@@ -212,3 +212,28 @@ def test_cli_base_url_credentials_are_one_line_without_the_password():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gateway: configuration error: OPENAI_BASE_URL:")
     assert "s3cr3t-pa55" not in proc.stderr + proc.stdout
+
+
+def test_client_connection_settings():
+    s = load_settings(SEED)
+    assert (s.client_header_timeout, s.client_body_timeout) == (60, 60)
+    assert (s.keepalive_timeout, s.max_client_connections) == (75, 1024)
+    s = load_settings(
+        {
+            **SEED,
+            "GATEWAY_CLIENT_HEADER_TIMEOUT": "5",
+            "GATEWAY_CLIENT_BODY_TIMEOUT": "7.5",
+            "GATEWAY_KEEPALIVE_TIMEOUT": "620",
+            "GATEWAY_MAX_CLIENT_CONNECTIONS": "4000",
+        }
+    )
+    assert (s.client_header_timeout, s.client_body_timeout) == (5, 7.5)
+    assert (s.keepalive_timeout, s.max_client_connections) == (620, 4000)
+    for var, key in (
+        ("GATEWAY_CLIENT_HEADER_TIMEOUT", "client_header_timeout"),
+        ("GATEWAY_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
+        ("GATEWAY_MAX_CLIENT_CONNECTIONS", "max_client_connections"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**SEED, var: "0"})
+        assert info.value.key == key
