@@ -12,6 +12,7 @@ import sys
 
 from aiohttp import web
 
+from gateway.auth import exposure_warning
 from gateway.config import ConfigError, load_settings
 from gateway.logsafe import SafeFormatter
 
@@ -22,7 +23,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gateway", description="OpenAI-compatible LLM gateway with provider failover"
     )
-    parser.add_argument("--host", help="address to listen on (env GATEWAY_HOST, default 0.0.0.0)")
+    parser.add_argument(
+        "--host",
+        help="address to listen on (env GATEWAY_HOST, default 0.0.0.0; 127.0.0.1 with --demo)",
+    )
     parser.add_argument(
         "--port", type=int, help="port to listen on (env GATEWAY_PORT, default 8080)"
     )
@@ -38,7 +42,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     """Run the gateway until a stop signal arrives."""
     from gateway.connections import GatewayRunner
-    from gateway.demo import start_demo_upstreams
+    from gateway.demo import DEMO_DEFAULTS, start_demo_upstreams
     from gateway.server import create_app, drain
 
     env = dict(os.environ)
@@ -47,7 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
     demo_runners: list[web.AppRunner] = []
     if args.demo:
         demo_env, demo_runners = await start_demo_upstreams()
-        env.update(demo_env)
+        env = {**DEMO_DEFAULTS, **env, **demo_env}
     settings = load_settings(env)
     logging.getLogger().setLevel(settings.log_level.upper())
     host = args.host or settings.host
@@ -61,6 +65,9 @@ async def serve(args: argparse.Namespace) -> None:
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
     )
     await runner.setup()
+    exposed = exposure_warning(host, port, settings.access)
+    if exposed:
+        log.warning("%s", exposed)
     site = web.TCPSite(runner, host, port)
     await site.start()
     gc.freeze()  # start-up objects are long-lived: keep them out of every later collection

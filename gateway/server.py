@@ -412,9 +412,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     """The gateway application for ``settings``; ``probes=False`` skips health polling."""
-    middlewares = [_errors]
-    if settings.access.enabled:
-        middlewares.append(auth_middleware(settings.access))
+    # Always: even with no keys, /admin/* is for loopback peers only.
+    middlewares = [_errors, auth_middleware(settings.access)]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[ACTIVE] = set()
