@@ -64,7 +64,7 @@ def _is_loopback_host(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False  # "", "0.0.0.0"-style wildcards are addresses; a name may be anything
+        return False  # "" (every interface) or a name, which may resolve anywhere
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -98,14 +98,10 @@ def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamR
             return await handler(request)
         admin = path.startswith(_ADMIN_PREFIX)
         if admin or path.startswith(_METRICS_PREFIX):
-            loopback_only = policy.admin_loopback_only or (admin and policy.admin_key is None)
-            if loopback_only and not _is_loopback(request):
-                return _denied(
-                    403,
-                    "This endpoint is served on loopback only (set GATEWAY_ADMIN_KEY to "
-                    "reach /admin from other hosts).",
-                    "forbidden",
-                )
+            keyless_admin = admin and policy.admin_key is None
+            if (policy.admin_loopback_only or keyless_admin) and not _is_loopback(request):
+                hint = "" if policy.admin_loopback_only else " without GATEWAY_ADMIN_KEY"
+                return _denied(403, f"This endpoint is served on loopback only{hint}.", "forbidden")
             wanted = {policy.admin_key} if policy.admin_key else policy.client_keys
         else:
             wanted = policy.client_keys

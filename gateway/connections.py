@@ -279,8 +279,9 @@ class GatewayServer(web.Server):
                     self._open + self._pending,
                 )
             return _Refusal(self._refusal)
-        self._pending += 1
-        return _Handler(self, loop=self._loop, **self._kwargs)
+        handler = _Handler(self, loop=self._loop, **self._kwargs)
+        self._pending += 1  # until asyncio calls connection_made, which it always does next
+        return handler
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         """Count the connection as open."""
