@@ -15,7 +15,9 @@ from typing import NoReturn
 
 from aiohttp import web
 
+from gateway.auth import exposure_warning
 from gateway.config import ConfigError, load_settings
+from gateway.logsafe import SafeFormatter
 
 log = logging.getLogger("gateway")
 
@@ -45,7 +47,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(
         prog="gateway", description="OpenAI-compatible LLM gateway with provider failover"
     )
-    parser.add_argument("--host", help="address to listen on (env GATEWAY_HOST, default 0.0.0.0)")
+    parser.add_argument(
+        "--host",
+        help="address to listen on (env GATEWAY_HOST, default 0.0.0.0; 127.0.0.1 with --demo)",
+    )
     parser.add_argument(
         "--port", type=int, help="port to listen on (env GATEWAY_PORT, default 8080)"
     )
@@ -98,7 +103,8 @@ def _listen(host: str, port: int) -> list[socket.socket]:
 
 async def serve(args: argparse.Namespace) -> None:
     """Run the gateway until a stop signal arrives."""
-    from gateway.demo import start_demo_upstreams
+    from gateway.connections import GatewayRunner
+    from gateway.demo import DEMO_DEFAULTS, start_demo_upstreams
     from gateway.server import create_app, drain
 
     env = dict(os.environ)
@@ -110,7 +116,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         if args.demo:
             demo_env, demo_runners = await start_demo_upstreams()
-            env.update(demo_env)
+            env = {**DEMO_DEFAULTS, **env, **demo_env}
         settings = load_settings(env, config_key="--config" if args.config else "GATEWAY_CONFIG")
         logging.getLogger().setLevel(settings.log_level)
         host = args.host if args.host is not None else settings.host
@@ -118,12 +124,18 @@ async def serve(args: argparse.Namespace) -> None:
         sockets = _listen(host, port)
 
         app = create_app(settings)
-        runner = web.AppRunner(
+        runner = GatewayRunner(
             app,
+            settings,  # client header/body timeouts, idle keep-alive, the connection cap
             handler_cancellation=True,  # a client that leaves cancels its upstream call at once
             access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         )
         await runner.setup()
+        # After the bind (a port that cannot be had is one line, nothing else), before the
+        # first connection is accepted.
+        exposed = exposure_warning(host, port, settings.access)
+        if exposed:
+            log.warning("%s", exposed)
         for sock in sockets:
             await web.SockSite(runner, sock).start()
         gc.freeze()  # start-up objects are long-lived: keep them out of every later collection
@@ -154,9 +166,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    # Escapes CR, LF and ANSI in every message: strings from clients and upstreams reach
+    # some of them (model names, upstream error messages).
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = _parse_args(argv)
     try:
         asyncio.run(serve(args))

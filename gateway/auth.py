@@ -19,7 +19,11 @@ from gateway.errors import GatewayError
 
 # Liveness and readiness stay open: orchestrators probe them without credentials.
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-_ADMIN_PREFIXES = ("/metrics", "/admin/")
+# /admin/* shows every provider's URL, state and load: loopback only unless an admin key
+# is set. /metrics is not: Prometheus scrapes from another host or container, and it
+# shows counts, not configuration.
+_ADMIN_PREFIX = "/admin/"
+_METRICS_PREFIX = "/metrics"
 
 
 def digest(key: str) -> str:
@@ -30,16 +34,37 @@ def digest(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
-    """Who may call what. Empty ``client_keys``: the API is open."""
+    """Who may call what. Empty ``client_keys``: the API is open.
+
+    ``/admin/*`` is served to loopback peers only unless ``admin_key`` is set;
+    ``admin_loopback_only`` keeps ``/admin/*`` and ``/metrics`` on loopback even then.
+    """
 
     client_keys: frozenset[str] = frozenset()  # digests
     admin_key: str | None = None  # digest
     admin_loopback_only: bool = False
 
-    @property
-    def enabled(self) -> bool:
-        """True when any check applies."""
-        return bool(self.client_keys) or self.admin_key is not None or self.admin_loopback_only
+
+def exposure_warning(host: str, port: int, policy: AccessPolicy) -> str | None:
+    """The start-up warning for a gateway that other hosts can reach with no client keys,
+    or None (bound to loopback, or keys required)."""
+    if policy.client_keys or _is_loopback_host(host):
+        return None
+    where = host or "every interface"
+    return (
+        f"listening on {where} port {port} without GATEWAY_API_KEYS: anyone who can reach "
+        "this port can use the gateway and spend the providers' keys "
+        "(set GATEWAY_API_KEYS, or --host 127.0.0.1)"
+    )
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name, which may resolve anywhere
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -71,20 +96,23 @@ def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamR
         path = request.path
         if path in _OPEN_PATHS:
             return await handler(request)
-        token = _bearer(request)
-        presented = digest(token) if token else None
-        if path.startswith(_ADMIN_PREFIXES):
-            if policy.admin_loopback_only and not _is_loopback(request):
-                return _denied(403, "This endpoint is served on loopback only.", "forbidden")
+        admin = path.startswith(_ADMIN_PREFIX)
+        if admin or path.startswith(_METRICS_PREFIX):
+            keyless_admin = admin and policy.admin_key is None
+            if (policy.admin_loopback_only or keyless_admin) and not _is_loopback(request):
+                hint = "" if policy.admin_loopback_only else " without GATEWAY_ADMIN_KEY"
+                return _denied(403, f"This endpoint is served on loopback only{hint}.", "forbidden")
             wanted = {policy.admin_key} if policy.admin_key else policy.client_keys
         else:
             wanted = policy.client_keys
-        if wanted and presented not in wanted:
-            if token is None:
-                message = "You didn't provide an API key. Use 'Authorization: Bearer KEY'."
-            else:
-                message = "Incorrect API key provided."
-            return _denied(401, message, "invalid_api_key")
+        if wanted:
+            token = _bearer(request)
+            if token is None or digest(token) not in wanted:
+                if token is None:
+                    message = "You didn't provide an API key. Use 'Authorization: Bearer KEY'."
+                else:
+                    message = "Incorrect API key provided."
+                return _denied(401, message, "invalid_api_key")
         return await handler(request)
 
     return check

@@ -101,6 +101,15 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     shutdown_grace: float = 30.0
+    # Client connections (nginx's names and defaults): a request's headers must arrive
+    # within client_header_timeout (from the connection's start, or from the first byte of
+    # a later request), no read of its body may wait longer than client_body_timeout, an
+    # idle keep-alive connection is closed after keepalive_timeout, and no more than
+    # max_client_connections are open at once.
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_client_connections: int = 1024
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
 
     def provider(self, name: str) -> ProviderConfig:
@@ -130,18 +139,47 @@ _GATEWAY_FIELDS = {
     "log_level": "str",
     "access_log": "bool",
     "shutdown_grace": "float",
+    "client_header_timeout": "float",
+    "client_body_timeout": "float",
+    "keepalive_timeout": "float",
+    "max_client_connections": "int",
     "admin_loopback_only": "bool",
     "api_keys_file": "str",
     "failover_order": "list",
 }
 
 
+def _shown(url: str) -> str:
+    """``url`` fit for an error message: user info, query and fragment may hold secrets."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, sep, rest = "", "", url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    path = path.partition("?")[0].partition("#")[0]
+    return f"{scheme}{sep}{authority}{slash}{path}"
+
+
 def normalize_base_url(url: str, key: str) -> str:
-    """Return ``url`` with a trailing ``/v1`` and no trailing slash."""
+    """Return ``url`` with a trailing ``/v1`` and no trailing slash.
+
+    Credentials in the URL (``http://user:pass@host``) are refused rather than supported:
+    the password would show wherever the URL does (``/admin/providers``, logs), and aiohttp
+    refuses a request that has both URL credentials and an ``Authorization`` header.
+    """
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
+        raise ConfigError(key, f"must be an http(s) URL, got {_shown(url)!r}")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            key,
+            f"must not contain a user name or password ({_shown(url)!r}); "
+            "give the provider's key as its API key instead",
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(key, f"must not have a query string or fragment ({_shown(url)!r})")
     if not url.endswith("/v1"):
         url += "/v1"
     return url
@@ -271,6 +309,10 @@ def load_settings(
         ("GATEWAY_MAX_BODY_BYTES", "max_body_bytes"),
         ("GATEWAY_LOG_LEVEL", "log_level"),
         ("GATEWAY_SHUTDOWN_GRACE", "shutdown_grace"),
+        ("GATEWAY_CLIENT_HEADER_TIMEOUT", "client_header_timeout"),
+        ("GATEWAY_CLIENT_BODY_TIMEOUT", "client_body_timeout"),
+        ("GATEWAY_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
+        ("GATEWAY_MAX_CLIENT_CONNECTIONS", "max_client_connections"),
         ("GATEWAY_ADMIN_LOOPBACK_ONLY", "admin_loopback_only"),
         ("GATEWAY_API_KEYS_FILE", "api_keys_file"),
         ("FAILOVER_ORDER", "failover_order"),
@@ -365,9 +407,17 @@ def _check_gateway(settings: Settings, origin: Mapping[str, str]) -> None:
     for name in ("max_held_bytes", "max_response_bytes"):
         if getattr(settings, name) < 1024:
             raise ConfigError(key(name), "must be at least 1024")
-    for name in ("send_timeout", "max_stream_duration"):
+    for name in (
+        "send_timeout",
+        "max_stream_duration",
+        "client_header_timeout",
+        "client_body_timeout",
+        "keepalive_timeout",
+    ):
         if getattr(settings, name) <= 0:
             raise ConfigError(key(name), "must be positive")
+    if settings.max_client_connections < 1:
+        raise ConfigError(key("max_client_connections"), "must be at least 1")
 
 
 def _access_policy(

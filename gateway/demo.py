@@ -19,6 +19,9 @@ import orjson
 from aiohttp import web
 
 DEMO_MODEL = "demo-model"
+#: Settings the demo uses unless the environment sets them: its gateway listens on
+#: loopback only (``--host`` or ``GATEWAY_HOST`` still choose another address).
+DEMO_DEFAULTS = {"GATEWAY_HOST": "127.0.0.1"}
 _TEXT = "Hello from the steady upstream: the flaky one was rate limited."
 _WORDS = _TEXT.split(" ")
 _EMBEDDING_SIZE = 16

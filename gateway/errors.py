@@ -8,6 +8,7 @@ it. :class:`GatewayError` is what the gateway itself answers, in OpenAI's error 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import ssl
 from dataclasses import dataclass
@@ -210,24 +211,46 @@ def classify_error_body(status: int, body: Any, retry_after: float | None = None
     return Classified(Outcome.CLIENT_ERROR, detail, status)
 
 
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``Retry-After``, ``retry-after-ms`` or ``x-ratelimit-reset-*``."""
+#: The longest wait an upstream hint (``Retry-After``, ``retry-after-ms``,
+#: ``x-ratelimit-reset-*``) may ask for where the provider is not known: the default
+#: ``quota_reset_timeout``. Where the provider is known, pass its own as ``cap``.
+MAX_RETRY_AFTER = 300.0
+
+
+def clamp_seconds(value: float | None, cap: float = MAX_RETRY_AFTER) -> float | None:
+    """``value`` clamped to ``[0, cap]``; None for None and NaN.
+
+    Numbers from upstreams are untrusted: ``inf`` or ``1e12`` would overflow a datetime, a
+    ``math.ceil`` or a header further on, and a negative wait means nothing.
+    """
+    if value is None or math.isnan(value):
+        return None
+    return min(max(value, 0.0), cap)
+
+
+def parse_retry_after(headers: Any, cap: float = MAX_RETRY_AFTER) -> float | None:
+    """Seconds to wait from ``Retry-After``, ``retry-after-ms`` or ``x-ratelimit-reset-*``,
+    clamped to ``[0, cap]``; a header that is not a number is skipped."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            hint = clamp_seconds(float(ms) / 1000, cap)
         except ValueError:
-            pass
+            hint = None
+        if hint is not None:
+            return hint
     ra = headers.get("Retry-After")
     if ra:
         try:
-            return max(0.0, float(ra))
+            hint = clamp_seconds(float(ra), cap)
         except ValueError:
-            pass  # an HTTP date: rare from LLM APIs, treated as no hint
+            hint = None  # an HTTP date: rare from LLM APIs, treated as no hint
+        if hint is not None:
+            return hint
     # OpenAI's reset time counts only when the request budget is what ran out.
     reset = headers.get("x-ratelimit-reset-requests")
     if reset and headers.get("x-ratelimit-remaining-requests") == "0":
-        return _parse_duration(reset)
+        return clamp_seconds(_parse_duration(reset), cap)
     return None
 
 
@@ -252,13 +275,18 @@ def _parse_duration(text: str) -> float | None:
         return None
 
 
-def classify_response(status: int, body: bytes, headers: Any) -> Classified:
-    """Classify a non-2xx upstream response from its status, headers and raw body."""
+def classify_response(
+    status: int, body: bytes, headers: Any, retry_cap: float = MAX_RETRY_AFTER
+) -> Classified:
+    """Classify a non-2xx upstream response from its status, headers and raw body.
+
+    ``retry_cap`` bounds the upstream's retry hint (the provider's ``quota_reset_timeout``).
+    """
     try:
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         parsed = {"error": {"message": body[:200].decode("utf-8", "replace")}}
-    return classify_error_body(status, parsed, parse_retry_after(headers))
+    return classify_error_body(status, parsed, parse_retry_after(headers, retry_cap))
 
 
 def classify_exception(exc: BaseException) -> Classified:

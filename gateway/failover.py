@@ -27,6 +27,7 @@ from gateway.errors import (
     Classified,
     GatewayError,
     Outcome,
+    clamp_seconds,
     classify_exception,
     error_shape,
     request_fault,
@@ -287,7 +288,7 @@ def _open_for(cls: Classified, provider: Provider) -> float | None:
     if cls.outcome is Outcome.QUOTA_EXHAUSTED:
         return provider.config.quota_reset_timeout
     if cls.outcome is Outcome.RATE_LIMITED and cls.retry_after:
-        return cls.retry_after
+        return clamp_seconds(cls.retry_after, provider.config.quota_reset_timeout)
     return None
 
 

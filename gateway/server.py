@@ -12,14 +12,18 @@ from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics
 from gateway.auth import auth_middleware
 from gateway.call import Call, Reply
 from gateway.config import Settings
+from gateway.connections import parse_error_reason
 from gateway.errors import GatewayError
 from gateway.failover import run
+from gateway.logsafe import escape
 from gateway.providers import DIALECTS
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
@@ -99,20 +103,47 @@ async def _errors(
     return resp
 
 
-async def _read_body(
-    request: web.Request, endpoint: str, settings: Settings
-) -> tuple[dict[str, Any], bytes]:
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"Request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def _read_raw(request: web.Request, settings: Settings, deadline: float) -> bytes:
+    """The request body, up to ``max_body_bytes``. No read may wait longer than
+    ``client_body_timeout`` (nginx's meaning: the gap between two reads, so a slow but
+    steady upload passes) and the whole body must arrive before the request's deadline."""
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise GatewayError(
-            413, f"Request body is larger than {limit} bytes", code="request_too_large"
-        )
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise GatewayError(
-            413, f"Request body is larger than {limit} bytes", code="request_too_large"
-        ) from None
+        raise _too_large(limit)
+    content = request.content
+    gap = settings.client_body_timeout
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(min(loop.time() + gap, deadline)):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise GatewayError(
+                408, "The request body did not arrive in time.", code="request_timeout"
+            ) from None
+        except (RequestPayloadError, HttpProcessingError) as e:  # e.g. a bad chunk size
+            reason = parse_error_reason(e.__cause__ or e)
+            raise GatewayError(
+                400, f"The request is not valid HTTP/1.1: {reason}.", code="invalid_http_request"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+
+
+async def _read_body(
+    request: web.Request, endpoint: str, settings: Settings, deadline: float
+) -> tuple[dict[str, Any], bytes]:
+    raw = await _read_raw(request, settings, deadline)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -170,30 +201,41 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
     async def handler(request: web.Request) -> web.StreamResponse:
         app = request.app
         settings = app[SETTINGS]
-        try:
-            body, raw = await _read_body(request, endpoint, settings)
-            deadline, chosen = _deadline(request, settings)
-        except GatewayError as e:
-            metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
-            raise
-        call = Call(
-            endpoint=endpoint,
-            body=body,
-            raw=raw,
-            model=body["model"],
-            stream=bool(body.get("stream")),
-            request_id=request[REQUEST_ID],
-            deadline=deadline,
-            deadline_chosen=chosen,
-        )
         task = asyncio.current_task()
         assert task is not None
+        # In flight from the first byte of the body: a stalled upload is ended with the
+        # rest when the shutdown grace runs out.
         app[ACTIVE].add(task)
         try:
-            return await _answer(request, call)
+            try:
+                try:
+                    # the body's time counts too
+                    deadline, chosen = _deadline(request, settings)
+                    body, raw = await _read_body(request, endpoint, settings, deadline)
+                except asyncio.CancelledError as e:
+                    if e.args != (SHUTDOWN_REASON,):
+                        raise
+                    task.uncancel()
+                    raise _shutting_down() from None
+            except GatewayError as e:
+                metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
+                raise
+            call = Call(
+                endpoint=endpoint,
+                body=body,
+                raw=raw,
+                model=body["model"],
+                stream=bool(body.get("stream")),
+                request_id=request[REQUEST_ID],
+                deadline=deadline,
+                deadline_chosen=chosen,
+            )
+            try:
+                return await _answer(request, call)
+            finally:
+                _finish(call, app[KNOWN_MODELS])
         finally:
             app[ACTIVE].discard(task)
-            _finish(call, app[KNOWN_MODELS])
 
     handler.__name__ = f"proxy_{endpoint.replace('/', '_')}"
     return handler
@@ -212,14 +254,7 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             call.status = 503
             call.result = "shutdown"
-            err = GatewayError(
-                503,
-                "The gateway is shutting down; retry the request.",
-                type_="server_error",
-                code="shutting_down",
-                retry_after=1,
-            )
-            return err.response(gateway_headers(call))
+            return _shutting_down().response(gateway_headers(call))
         call.result = "cancelled"
         metrics.CLIENT_DISCONNECTS.inc()
         raise
@@ -231,6 +266,32 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
         assert call.answered_by is not None
         log.info("Using %s (failover) [%s]", call.answered_by.display_name, call.request_id)
     return resp
+
+
+# Upstream usage counts are untrusted: no context window comes near a billion tokens.
+_MAX_TOKENS = 10**9
+
+
+def _token_count(value: Any) -> int | None:
+    """A usage count fit for metrics and the log, or None: a negative count would make the
+    counter raise (and the answer a 500), a string could forge a log line."""
+    if type(value) is int and 0 <= value <= _MAX_TOKENS:  # not bool, not float
+        return value
+    return None
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _shutting_down() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is shutting down; retry the request.",
+        type_="server_error",
+        code="shutting_down",
+        retry_after=1,
+    )
 
 
 def _finish(call: Call, known: frozenset[str]) -> None:
@@ -253,18 +314,20 @@ def _finish(call: Call, known: frozenset[str]) -> None:
     tokens = ""
     usage = call.usage
     if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
+        prompt = _token_count(usage.get("prompt_tokens"))
+        completion = _token_count(usage.get("completion_tokens"))
+        if prompt is not None:
             metrics.TOKENS.labels(provider, "prompt").inc(prompt)
-        if isinstance(completion, int):
+        if completion is not None:
             metrics.TOKENS.labels(provider, "completion").inc(completion)
-        tokens = f"{prompt}/{completion}"
+        if prompt is not None or completion is not None:
+            tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
     chain = ">".join(r.provider.name + ":" + r.outcome.value for r in call.records)
     log.info(
         "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "
         "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s%s",
         call.request_id,
-        call.model[:100],
+        escape(call.model, 100),  # a client's string: no CR, LF or ANSI in the log
         stream,
         provider,
         status,
@@ -374,9 +437,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     """The gateway application for ``settings``; ``probes=False`` skips health polling."""
-    middlewares = [_errors]
-    if settings.access.enabled:
-        middlewares.append(auth_middleware(settings.access))
+    # Always: even with no keys, /admin/* is for loopback peers only.
+    middlewares = [_errors, auth_middleware(settings.access)]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[ACTIVE] = set()

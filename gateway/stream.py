@@ -224,7 +224,8 @@ def judge_body(
     if 300 <= status < 400:  # redirects are never followed: the prompt stays where it was sent
         return Classified(Outcome.BAD_RESPONSE, f"redirect ({status}) not followed", status), None
     if status >= 400:
-        cls = classify_response(status, body, resp.headers)
+        cap = provider.config.quota_reset_timeout  # no upstream keeps it open longer
+        cls = classify_response(status, body, resp.headers, retry_cap=cap)
         # Maybe passed to the client as is, but for any secret the upstream quoted back.
         return cls, Reply(provider, cls.outcome, status, resp.headers, provider.redact.data(body))
     try:

@@ -247,3 +247,93 @@ def test_log_level_any_case_and_good_limits_are_accepted(tmp_path):
     assert s.log_level == "DEBUG"
     assert s.request_timeout == s.max_request_timeout == 600
     assert load_settings({**SEED, "GATEWAY_MAX_BODY_BYTES": "2e6"}).max_body_bytes == 2_000_000
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "key"),
+    [
+        ({"GATEWAY_REQUEST_TIMEOUT": "inf"}, "", "GATEWAY_REQUEST_TIMEOUT"),
+        ({"GATEWAY_SHUTDOWN_GRACE": "nan"}, "", "GATEWAY_SHUTDOWN_GRACE"),
+        ({}, "[defaults]\nquota_reset_timeout = inf\n", "defaults.quota_reset_timeout"),
+        ({}, "[providers.lmstudio]\nreset_timeout = nan\n", "providers.lmstudio.reset_timeout"),
+    ],
+)
+def test_numbers_must_be_finite(tmp_path, env, toml, key):
+    """inf and nan pass a `< 0` check; an open breaker for inf seconds has no reopen time."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "key"),
+    [
+        ({"OPENAI_BASE_URL": "http://alice:s3cr3t-pa55@127.0.0.1:9/v1"}, "", "OPENAI_BASE_URL"),
+        ({"OLLAMA_BASE_URL": "http://:s3cr3t-pa55@gpu-box:11434"}, "", "OLLAMA_BASE_URL"),
+        ({"LMSTUDIO_BASE_URL": "http://s3cr3t-pa55@gpu-box:1234"}, "", "LMSTUDIO_BASE_URL"),
+        ({"LMSTUDIO_BASE_URL": "ftp://bob:s3cr3t-pa55@gpu-box"}, "", "LMSTUDIO_BASE_URL"),
+        (
+            {},
+            "[providers.x]\nbase_url = 'https://proxy/v1?api-key=s3cr3t-pa55'\n",
+            "providers.x.base_url",
+        ),
+        ({}, "[providers.x]\nbase_url = 'https://u:s3cr3t-pa55@proxy'\n", "providers.x.base_url"),
+    ],
+)
+def test_base_url_credentials_are_refused_without_echo(tmp_path, env, toml, key):
+    """A password in a base URL would show in /admin/providers and the logs, and with an
+    API key set aiohttp refuses every request (two sources of Authorization)."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEED, "GATEWAY_CONFIG": str(cfg), **env})
+    assert info.value.key == key
+    assert "s3cr3t-pa55" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_base_url_credentials_are_one_line_without_the_password():
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENAI_API_KEY": "sk-secret-value",
+        "OPENAI_BASE_URL": "http://alice:s3cr3t-pa55@127.0.0.1:9/v1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gateway: configuration error: OPENAI_BASE_URL:")
+    assert "s3cr3t-pa55" not in proc.stderr + proc.stdout
+
+
+def test_client_connection_settings():
+    s = load_settings(SEED)
+    assert (s.client_header_timeout, s.client_body_timeout) == (60, 60)
+    assert (s.keepalive_timeout, s.max_client_connections) == (75, 1024)
+    s = load_settings(
+        {
+            **SEED,
+            "GATEWAY_CLIENT_HEADER_TIMEOUT": "5",
+            "GATEWAY_CLIENT_BODY_TIMEOUT": "7.5",
+            "GATEWAY_KEEPALIVE_TIMEOUT": "620",
+            "GATEWAY_MAX_CLIENT_CONNECTIONS": "4000",
+        }
+    )
+    assert (s.client_header_timeout, s.client_body_timeout) == (5, 7.5)
+    assert (s.keepalive_timeout, s.max_client_connections) == (620, 4000)
+    for var in (
+        "GATEWAY_CLIENT_HEADER_TIMEOUT",
+        "GATEWAY_KEEPALIVE_TIMEOUT",
+        "GATEWAY_MAX_CLIENT_CONNECTIONS",
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**SEED, var: "0"})
+        assert info.value.key == var  # the variable the user set

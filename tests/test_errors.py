@@ -10,6 +10,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.errors import (
+    MAX_RETRY_AFTER,
     POLICY,
     BreakerEffect,
     Outcome,
@@ -153,3 +154,34 @@ def test_retry_after_forms():
     assert parse_retry_after(CIMultiDict(left)) is None
     assert parse_retry_after(CIMultiDict({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
     assert parse_retry_after(CIMultiDict()) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "inf"}, 60.0),
+        ({"Retry-After": "Infinity"}, 60.0),
+        ({"Retry-After": "1e12"}, 60.0),
+        ({"Retry-After": "1e400"}, 60.0),  # float() says inf
+        ({"Retry-After": "-5"}, 0.0),
+        ({"Retry-After": "nan"}, None),
+        ({"retry-after-ms": "inf"}, 60.0),
+        ({"retry-after-ms": "-1"}, 0.0),
+        ({"retry-after-ms": "nan", "Retry-After": "7"}, 7.0),  # a useless hint is skipped
+        ({"x-ratelimit-reset-requests": "99999999999h", "x-ratelimit-remaining-requests": "0"}, 60),
+    ],
+)
+def test_absurd_retry_after_is_clamped(headers, expected):
+    """Numbers from upstreams are untrusted: they end in [0, cap] or are ignored."""
+    assert parse_retry_after(CIMultiDict(headers), cap=60.0) == expected
+    cls = classify_response(429, b"", CIMultiDict(headers), retry_cap=60.0)
+    assert cls.retry_after == expected
+
+
+def test_retry_after_has_a_default_cap():
+    """Callers that do not know the provider still get a finite, bounded number."""
+    hint = parse_retry_after(CIMultiDict({"Retry-After": "inf"}))
+    assert hint == MAX_RETRY_AFTER
+    assert classify_response(429, b"", CIMultiDict({"Retry-After": "1e300"})).retry_after == (
+        MAX_RETRY_AFTER
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
@@ -173,3 +174,55 @@ async def test_upstream_tls_is_verified_by_default(
     client = await gateway(url, b, per={"openai": {"verify_tls": False}})
     resp = await client.post("/v1/chat/completions", json=chat())
     assert resp.headers["x-gateway-provider"] == "openai"
+
+
+async def status_from(app, path, peer, headers=None):
+    """Send ``GET path`` through ``app``'s middlewares and handler as if from ``peer``
+    (tests reach the gateway only over loopback, so a remote peer is simulated)."""
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        peer if name == "peername" else default
+    )
+    request = make_mocked_request("GET", path, headers=headers or {}, transport=transport, app=app)
+    handler = (await app.router.resolve(request)).handler
+    for middleware in reversed(app.middlewares):
+        handler = functools.partial(middleware, handler=handler)
+    return (await handler(request)).status
+
+
+REMOTE, LOCAL = ("192.0.2.7", 5000), ("127.0.0.1", 5000)
+
+
+async def test_admin_is_loopback_only_without_an_admin_key(gateway, upstreams):
+    """The default: /admin/* shows the providers' URLs and state to loopback only."""
+    a = await upstreams("a")
+    app = (await gateway(a)).server.app
+    assert await status_from(app, "/admin/providers", REMOTE) == 403
+    assert await status_from(app, "/admin/providers", ("::1", 5000, 0, 0)) == 200
+    assert await status_from(app, "/admin/providers", LOCAL) == 200
+    # /metrics stays reachable: Prometheus scrapes from another host or container
+    assert await status_from(app, "/metrics", REMOTE) == 200
+    assert await status_from(app, "/healthz", REMOTE) == 200
+
+    with_client_keys = (await gateway(a, settings={"access": policy_without_admin()})).server.app
+    assert (
+        await status_from(with_client_keys, "/admin/providers", REMOTE, bearer(CLIENT_KEY)) == 403
+    )
+    assert await status_from(with_client_keys, "/admin/providers", LOCAL, bearer(CLIENT_KEY)) == 200
+    assert await status_from(with_client_keys, "/admin/providers", LOCAL) == 401
+
+
+async def test_admin_key_opens_admin_to_other_hosts(gateway, upstreams):
+    a = await upstreams("a")
+    app = (await gateway(a, settings={"access": policy()})).server.app
+    assert await status_from(app, "/admin/providers", REMOTE, bearer(ADMIN_KEY)) == 200
+    assert await status_from(app, "/admin/providers", REMOTE, bearer(CLIENT_KEY)) == 401
+    assert await status_from(app, "/admin/providers", REMOTE) == 401
+    strict = (await gateway(a, settings={"access": policy(admin_loopback_only=True)})).server.app
+    assert await status_from(strict, "/admin/providers", REMOTE, bearer(ADMIN_KEY)) == 403
+    assert await status_from(strict, "/metrics", REMOTE, bearer(ADMIN_KEY)) == 403
+    assert await status_from(strict, "/admin/providers", LOCAL, bearer(ADMIN_KEY)) == 200
+
+
+def policy_without_admin():
+    return AccessPolicy(frozenset({digest(CLIENT_KEY)}))
