@@ -540,7 +540,12 @@ def _quoted_key(request: web.Request) -> str:
 
 
 async def _echo_key(request: web.Request, b: Behaviour) -> web.StreamResponse:
-    error = {"message": _quoted_key(request), "type": "invalid_request_error", "code": None}
+    error = {
+        "message": _quoted_key(request),
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
     return web.Response(
         status=b.status, body=orjson.dumps({"error": error}), content_type="application/json"
     )
@@ -549,7 +554,7 @@ async def _echo_key(request: web.Request, b: Behaviour) -> web.StreamResponse:
 async def _echo_key_event(request: web.Request, b: Behaviour) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
-    await resp.write(chunk("Hello") + chunk(" there"))
+    await resp.write(chunk(WORDS[0]) + chunk(WORDS[1]))
     error = {"message": _quoted_key(request), "type": "server_error", "code": None}
     await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
     return resp

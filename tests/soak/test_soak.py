@@ -54,7 +54,7 @@ from gateway.config import Settings
 from gateway.server import PROVIDERS, create_app
 from gateway.sse import SSEParser
 from tests import fake_upstream as fu
-from tests.conftest import provider_configs
+from tests.conftest import PROVIDER_KEY, provider_configs
 from tests.fake_upstream import FakeUpstream
 
 SEED = 20240607
@@ -82,6 +82,14 @@ _ERROR_EVENT = (
     b' "param": null, "code": null}}\n\n'
 )
 _HALF = len(fu.WORDS) // 2
+_ELSEWHERE = "http://127.0.0.1:9/v1/chat/completions"  # never followed
+
+
+def _absurd_retry_after() -> fu.Behaviour:
+    behaviour = fu.rate_limited()
+    behaviour.headers = {"Retry-After": "inf"}
+    return behaviour
+
 
 # name, weight, behaviour. "ok*" entries are the healthy answers; everything else a fault.
 STREAM_TABLE: list[tuple[str, float, Make]] = [
@@ -108,6 +116,12 @@ STREAM_TABLE: list[tuple[str, float, Make]] = [
     ("malformed_first", 2, lambda r: fu.sse(b"data: {broken\n\n" + _chunks(fu.WORDS) + _END)),
     ("error_event_first", 2, lambda r: fu.sse(_ERROR_EVENT)),
     ("error_event_mid", 2, lambda r: fu.sse(_chunks(fu.WORDS[:_HALF]) + _ERROR_EVENT)),
+    # Hostile upstreams: nothing they send may reach further than it should.
+    ("endless_html", 1, lambda r: fu.endless(200, "text/html")),
+    ("gzip_bomb", 1, lambda r: fu.bomb(64 << 20)),
+    ("redirect", 1, lambda r: fu.redirect(307, _ELSEWHERE)),
+    ("echo_key_event", 1, lambda r: fu.echo_key_event()),
+    ("absurd_retry_after", 1, lambda r: _absurd_retry_after()),
 ]
 PLAIN_TABLE: list[tuple[str, float, Make]] = [
     ("ok", 52, lambda r: fu.ok()),
@@ -121,6 +135,14 @@ PLAIN_TABLE: list[tuple[str, float, Make]] = [
     ("cut_body", 3, lambda r: fu.wrong_length()),
     ("not_json", 2, lambda r: fu.Behaviour("not_json")),
     ("error_in_200", 2, lambda r: fu.Behaviour("error_in_200")),
+    ("endless_500", 1, lambda r: fu.endless(500, "text/html")),
+    ("endless_json", 1, lambda r: fu.endless(200)),
+    ("gzip_bomb", 1, lambda r: fu.bomb(64 << 20)),
+    ("error_page", 1, lambda r: fu.error_page(4 << 20)),
+    ("redirect", 1, lambda r: fu.redirect(302, _ELSEWHERE)),
+    ("echo_key", 1, lambda r: fu.echo_key(r.choice((400, 401)))),
+    ("absurd_retry_after", 1, lambda r: _absurd_retry_after()),
+    ("negative_usage", 1, lambda r: fu.ok(usage={"prompt_tokens": -5, "completion_tokens": "x"})),
 ]
 
 
@@ -183,6 +205,7 @@ class Snapshot:
     tasks: int
     rss: int  # bytes
     blocks: int  # sys.getallocatedblocks()
+    peak: int = 0  # bytes, the process's peak RSS so far (VmHWM)
 
 
 @dataclass
@@ -276,6 +299,8 @@ class SoakReport:
                 f"after closing everything: {self.leaks_closed}",
                 f"  memory: {mem}",
                 f"  second-half RSS growth: {self.second_half_growth / mib:+.2f} MiB",
+                f"  peak RSS of the process (gateway, fakes and clients): "
+                f"{max((m.peak for m in self.memory), default=0) / mib:.1f} MiB",
             ]
         )
 
@@ -292,6 +317,7 @@ class SoakReport:
             "leaked_closed": str(self.leaks_closed),
             "rss_half1_mib": round(self.memory[1].rss / mib, 1) if len(self.memory) > 1 else None,
             "rss_half2_mib": round(self.memory[2].rss / mib, 1) if len(self.memory) > 2 else None,
+            "peak_rss_mib": round(max((m.peak for m in self.memory), default=0) / mib, 1),
         }
 
 
@@ -300,16 +326,19 @@ class SoakReport:
 
 def snapshot() -> Snapshot:
     """Open fds, asyncio tasks, RSS and allocated blocks, now."""
-    rss = 0
+    rss = peak = 0
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
     return Snapshot(
         len(os.listdir("/proc/self/fd")),
         len(asyncio.all_tasks()),
         rss,
         sys.getallocatedblocks(),
+        peak,
     )
 
 
@@ -479,6 +508,8 @@ def _check_stream(payload: bytes) -> str:
 
 def judge(kind: str, status: int, headers: Any, payload: bytes, request_id: str) -> str:
     """The category of one ended request; raises :class:`Violation` when it breaks a rule."""
+    if PROVIDER_KEY.encode() in payload:
+        raise Violation("the provider's key reached the client")
     if headers.get("x-request-id") != request_id:
         raise Violation(f"x-request-id {headers.get('x-request-id')!r} != {request_id!r}")
     if status != 200:
@@ -645,6 +676,7 @@ async def _run(report: SoakReport, time_cap: float) -> None:
             quota_reset_timeout=1.0,
         ),
         request_timeout=REQUEST_TIMEOUT,
+        max_response_bytes=1 << 20,  # the endless and inflating bodies stop here
     )
     app = create_app(settings, probes=False)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
