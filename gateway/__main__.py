@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import sys
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from aiohttp import web
 
@@ -101,11 +101,12 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the gateway until a stop signal arrives."""
+async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> None:
+    """Run the gateway until a stop signal arrives; request lines go straight to
+    ``log_stream`` when given (see :mod:`gateway.request_log`)."""
     from gateway.connections import GatewayRunner
     from gateway.demo import DEMO_DEFAULTS, start_demo_upstreams
-    from gateway.server import create_app, drain
+    from gateway.server import REQUEST_LOG, create_app, drain
 
     env = dict(os.environ)
     if args.config:
@@ -124,6 +125,8 @@ async def serve(args: argparse.Namespace) -> None:
         sockets = _listen(host, port)
 
         app = create_app(settings)
+        if log_stream is not None:
+            app[REQUEST_LOG].attach(log_stream)
         runner = GatewayRunner(
             app,
             settings,  # client header/body timeouts, idle keep-alive, the connection cap
@@ -155,6 +158,7 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
         log.info("shutting down")
         await drain(runner, settings.shutdown_grace)
+        app[REQUEST_LOG].flush()
     finally:
         if runner is not None:
             await runner.cleanup()
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = _parse_args(argv)
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, handler.stream))
     except ConfigError as e:
         print(f"gateway: configuration error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,10 +23,10 @@ from gateway.config import Settings
 from gateway.connections import parse_error_reason
 from gateway.errors import GatewayError
 from gateway.failover import run
-from gateway.logsafe import escape
 from gateway.providers import DIALECTS
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
+from gateway.request_log import RequestLog, finish
 from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply
 from gateway.routing import Router
 from gateway.stream import relay
@@ -38,6 +38,7 @@ SETTINGS = web.AppKey("settings", Settings)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 ROUTER = web.AppKey("router", Router[Provider])
 KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
+REQUEST_LOG = web.AppKey("request_log", RequestLog)
 REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
 
@@ -233,7 +234,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
             try:
                 return await _answer(request, call)
             finally:
-                _finish(call, app[KNOWN_MODELS])
+                finish(call, app[KNOWN_MODELS], app[REQUEST_LOG])
         finally:
             app[ACTIVE].discard(task)
 
@@ -268,22 +269,6 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     return resp
 
 
-# Upstream usage counts are untrusted: no context window comes near a billion tokens.
-_MAX_TOKENS = 10**9
-
-
-def _token_count(value: Any) -> int | None:
-    """A usage count fit for metrics and the log, or None: a negative count would make the
-    counter raise (and the answer a 500), a string could forge a log line."""
-    if type(value) is int and 0 <= value <= _MAX_TOKENS:  # not bool, not float
-        return value
-    return None
-
-
-def _or_dash(value: int | None) -> str:
-    return "-" if value is None else str(value)
-
-
 def _shutting_down() -> GatewayError:
     return GatewayError(
         503,
@@ -291,56 +276,6 @@ def _shutting_down() -> GatewayError:
         type_="server_error",
         code="shutting_down",
         retry_after=1,
-    )
-
-
-def _finish(call: Call, known: frozenset[str]) -> None:
-    """Metrics and the one log line of a finished request."""
-    elapsed = time.perf_counter() - call.started
-    provider = call.answered_by.name if call.answered_by is not None else "none"
-    model = metrics.model_label(call.model, known)
-    stream = "true" if call.stream else "false"
-    status = str(call.status or 499)
-    metrics.REQUESTS.labels(model, provider, status, stream).inc()
-    metrics.REQUEST_DURATION.labels(model, provider, stream).observe(elapsed)
-    metrics.OVERHEAD.observe(max(0.0, elapsed - call.waited))
-    if call.result.startswith("cut:"):  # set by the relay: failed after commit
-        metrics.STREAM_INTERRUPTIONS.labels(provider, call.result[4:]).inc()
-    ttft = ""
-    if call.first_token_at is not None:
-        first = call.first_token_at - call.started
-        metrics.TTFT.labels(provider).observe(first)
-        ttft = f"{first * 1000:.1f}"
-    tokens = ""
-    usage = call.usage
-    if isinstance(usage, dict):
-        prompt = _token_count(usage.get("prompt_tokens"))
-        completion = _token_count(usage.get("completion_tokens"))
-        if prompt is not None:
-            metrics.TOKENS.labels(provider, "prompt").inc(prompt)
-        if completion is not None:
-            metrics.TOKENS.labels(provider, "completion").inc(completion)
-        if prompt is not None or completion is not None:
-            tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
-    chain = ">".join(r.provider.name + ":" + r.outcome.value for r in call.records)
-    log.info(
-        "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "
-        "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s%s",
-        call.request_id,
-        escape(call.model, 100),  # a client's string: no CR, LF or ANSI in the log
-        stream,
-        provider,
-        status,
-        call.result or "none",
-        len(call.records),
-        chain,
-        elapsed * 1000,
-        ttft or "-",
-        tokens or "-",
-        # A request that ended while an upstream had not answered says which, for how long.
-        f" waiting_on={call.waiting_on} waited_ms={call.waited_for * 1000:.0f}"
-        if call.waiting_on
-        else "",
     )
 
 
@@ -441,6 +376,7 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     middlewares = [_errors, auth_middleware(settings.access)]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[REQUEST_LOG] = RequestLog()
     app[ACTIVE] = set()
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
