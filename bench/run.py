@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -145,6 +147,15 @@ class Proc:
                 self.popen.wait(5)
 
 
+def raise_fd_limit() -> None:
+    """Allow this process (and what it starts) the file descriptors of 1,000 open streams
+    (a client and an upstream connection each in a proxy)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def spawn(
     name: str,
     argv: list[str],
@@ -155,9 +166,36 @@ def spawn(
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=raise_fd_limit,
         )
     return Proc(name, popen, log)
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of ``pids`` together, in MB (VmRSS)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=False))["ListenOverflows"])
+    return 0
 
 
 async def wait_ready(proc: Proc, url: str, within: float = 20.0) -> None:
@@ -176,7 +214,15 @@ async def wait_ready(proc: Proc, url: str, within: float = 20.0) -> None:
             await asyncio.sleep(0.1)
 
 
-def gateway_env(port: int, first: str, second: str, config: Path, log_level: str) -> dict[str, str]:
+def gateway_env(
+    port: int,
+    first: str,
+    second: str,
+    config: Path,
+    log_level: str,
+    event_loop: str = "asyncio",
+    backlog: int = 1024,
+) -> dict[str, str]:
     """The environment of a gateway routing OpenAI to ``first``, LM Studio to ``second``."""
     prefixes = ("OPENAI_", "LMSTUDIO_", "OLLAMA_", "GATEWAY_", "FAILOVER_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
@@ -191,6 +237,9 @@ def gateway_env(port: int, first: str, second: str, config: Path, log_level: str
         GATEWAY_PORT=str(port),
         GATEWAY_CONFIG=str(config),
         GATEWAY_LOG_LEVEL=log_level,
+        GATEWAY_EVENT_LOOP=event_loop,
+        GATEWAY_BACKLOG=str(backlog),
+        GATEWAY_MAX_CLIENT_CONNECTIONS="4096",  # the open-streams and burst phases
     )
     return env
 
@@ -557,6 +606,118 @@ async def _attempts(
     return best
 
 
+async def open_streams_phase(
+    names: list[str], targets: Targets, n: int, cap: float
+) -> dict[str, dict[str, float]]:
+    """``n`` slow streams open at once against each target: its RSS while they are open
+    and after they have ended (memory a proxy keeps per stream, and gives back)."""
+    out: dict[str, dict[str, float]] = {}
+    body = orjson.dumps(
+        {**CHAT, "stream": True, "bench_chunks": 20, "bench_interval_ms": 500}
+    )  # 10 s a stream
+    for name in names:
+        proc = next(p for p in targets.procs if p.name == name)
+        pids = proc.pids or [proc.popen.pid]
+        gc.collect()
+        before = rss_mb(pids)
+        opened = asyncio.Event()
+        firsts = 0
+        errors = 0
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=cap + 30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def one(url: str = targets.urls[name], opened: asyncio.Event = opened) -> None:
+                nonlocal firsts, errors
+                try:
+                    async with session.post(
+                        url, data=body, headers={"Content-Type": "application/json"}
+                    ) as resp:
+                        await resp.content.readany()
+                        firsts += 1
+                        if firsts == n:
+                            opened.set()
+                        await resp.read()
+                        if resp.status != 200:
+                            errors += 1
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    errors += 1
+                    if firsts + errors == n:
+                        opened.set()
+
+            tasks = [asyncio.create_task(one()) for _ in range(n)]
+            try:
+                async with asyncio.timeout(cap):
+                    await opened.wait()
+            except TimeoutError:
+                pass
+            during = rss_mb(pids)
+            await asyncio.gather(*tasks)
+        await asyncio.sleep(1)
+        after = rss_mb(pids)
+        out[name] = {
+            "streams": n,
+            "opened": firsts,
+            "errors": errors,
+            "rss_before_mb": before,
+            "rss_open_mb": during,
+            "rss_after_mb": after,
+            "kb_per_stream": (during - before) * 1024 / max(1, firsts),
+        }
+        print(
+            f"  {n} open streams {name:<9} opened {firsts}, errors {errors}, RSS {before:.0f} "
+            f"-> {during:.0f} -> {after:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
+
+
+async def burst_phase(
+    names: list[str], targets: Targets, n: int, cap: float
+) -> dict[str, dict[str, float]]:
+    """``n`` new connections at once, one request each: the listen queue must hold them
+    (the kernel's ListenOverflows counter), or clients wait for SYN retransmits."""
+    out: dict[str, dict[str, float]] = {}
+    body = orjson.dumps(CHAT)
+    for name in names:
+        res = Result(name, n, n)
+        overflows = listen_overflows()
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            start = asyncio.Event()
+
+            async def one(
+                url: str = targets.urls[name], start: asyncio.Event = start, res: Result = res
+            ) -> None:
+                await start.wait()
+                await _one(session, url, body, False, res)
+
+            tasks = [asyncio.create_task(one()) for _ in range(n)]
+            await asyncio.sleep(0.1)
+            start.set()
+            async with asyncio.timeout(cap + CLIENT_TIMEOUT):
+                await asyncio.gather(*tasks)
+        out[name] = {
+            "connections": n,
+            "ok": res.ok,
+            "errors": res.errors,
+            "listen_overflows": listen_overflows() - overflows,
+            "p50_ms": res.p50(),
+            "p90_ms": pct(res.latencies, 90),
+            "p99_ms": res.p99(),
+        }
+        print(
+            f"  burst of {n} {name:<9} ok {res.ok}, overflows {out[name]['listen_overflows']}, "
+            f"p90 {out[name]['p90_ms']:.1f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.sleep(1)
+    return out
+
+
 # -- the run --------------------------------------------------------------------------
 
 
@@ -626,12 +787,23 @@ async def _start(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> Targ
     gw_argv = [py, "-m", "gateway"]
     if args.profile:
         gw_argv = [py, "-m", "cProfile", "-o", args.profile, "-m", "gateway"]
-    for name, first, argv in (
-        ("gateway", f"{up}/v1", gw_argv),
-        ("failover", f"{up}/429/v1", [py, "-m", "gateway"]),
-    ):
+    level = args.gateway_log_level
+    # name, first provider, command, log level, event loop, listen backlog
+    gateways = [
+        ("gateway", f"{up}/v1", gw_argv, level, "asyncio", 1024),
+        ("failover", f"{up}/429/v1", [py, "-m", "gateway"], level, "asyncio", 1024),
+    ]
+    if args.variants:
+        gateways.append(("gw-warn", f"{up}/v1", [py, "-m", "gateway"], "WARNING", "asyncio", 1024))
+        if importlib.util.find_spec("uvloop") is not None:
+            gateways.append(("gw-uvloop", f"{up}/v1", [py, "-m", "gateway"], level, "uvloop", 1024))
+        else:
+            print("uvloop not installed: no gw-uvloop column (pip install uvloop)", file=sys.stderr)
+        # aiohttp's default backlog, for the burst of new connections only
+        gateways.append(("gw-b128", f"{up}/v1", [py, "-m", "gateway"], level, "asyncio", 128))
+    for name, first, argv, log_level, loop_kind, backlog in gateways:
         port = free_port()
-        env = gateway_env(port, first, f"{up}/v1", config, args.gateway_log_level)
+        env = gateway_env(port, first, f"{up}/v1", config, log_level, loop_kind, backlog)
         cwd = ROOT
         if args.gateway_src:
             cwd = Path(args.gateway_src)
@@ -672,7 +844,10 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
     targets.quiet_wait = args.wait_quiet
     if args.wait_quiet > 0:
         await wait_quiet(targets, args.wait_quiet)
-    names = [n for n in ("direct", "nginx", "aiohttp", "gateway") if n in targets.urls]
+    names = [
+        n for n in ("direct", "nginx", "aiohttp", "gateway", "gw-warn", "gw-uvloop")
+        if n in targets.urls
+    ]  # fmt: skip
     n_req, n_stream, cap = args.requests, args.streams, args.time_cap
     plain = dict(CHAT)
     stream = {**CHAT, "stream": True, "bench_chunks": args.chunks}
@@ -696,6 +871,11 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
     r["fo1"] = await phase("failover c=1", fo, targets, plain, n_req, 1, cap)
     r["fo50"] = await phase("failover c=50", fo, targets, plain, 2 * n_req, 50, cap)
     r["fos1"] = await phase("failover streaming c=1", fo, targets, stream, n_stream, 1, cap)
+    proxies = [n for n in names if n not in ("direct", "aiohttp")]
+    opened = await open_streams_phase(proxies, targets, args.open_streams, cap)
+    burst = await burst_phase(
+        [n for n in (*proxies, "gw-b128") if n in targets.urls], targets, args.burst, cap
+    )
 
     meta = {
         "cpus": os.cpu_count(),
@@ -710,10 +890,16 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
         "gateway_log_level": args.gateway_log_level,
         "profiled": bool(args.profile),
     }
-    report = render(r, names, meta)
+    report = render(r, names, meta, opened, burst)
     print(report)
     phases = {k: {t: v.summary() for t, v in d.items()} for k, d in r.items()}
-    return {"meta": meta, "phases": phases, "report": report}
+    return {
+        "meta": meta,
+        "phases": phases,
+        "open_streams": opened,
+        "burst": burst,
+        "report": report,
+    }
 
 
 def _cpu_model() -> str:
@@ -786,7 +972,13 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 Metric = Callable[[Result], float | None]
 
 
-def render(r: dict[str, dict[str, Result]], names: list[str], meta: dict[str, Any]) -> str:
+def render(
+    r: dict[str, dict[str, Result]],
+    names: list[str],
+    meta: dict[str, Any],
+    opened: dict[str, dict[str, float]],
+    burst: dict[str, dict[str, float]],
+) -> str:
     others = [n for n in names if n != "direct"]
     header = ["", *names, "target", ""]
 
@@ -911,6 +1103,38 @@ def render(r: dict[str, dict[str, Result]], names: list[str], meta: dict[str, An
         ]
     )
 
+    memory = [
+        [
+            name,
+            f"{v['opened']:.0f}/{v['streams']:.0f}",
+            fmt(v["rss_before_mb"], 1),
+            fmt(v["rss_open_mb"], 1),
+            fmt(v["kb_per_stream"], 1),
+            fmt(v["rss_after_mb"], 1),
+            "<= 100 MB" if name == "gateway" else "",
+            verdict(v["rss_open_mb"], 100.0) if name == "gateway" else "",
+        ]
+        for name, v in opened.items()
+    ]
+    bursts = [
+        [
+            name,
+            f"{v['ok']:.0f}/{v['connections']:.0f}",
+            f"{v['listen_overflows']:.0f}",
+            fmt(v["p50_ms"], 1),
+            fmt(v["p90_ms"], 1),
+            fmt(v["p99_ms"], 1),
+        ]
+        for name, v in burst.items()
+    ]
+    levels = []
+    for key, label in (("ns50", "non-streaming c=50"), ("st50", "streaming c=50")):
+        info, warn = r[key].get("gateway"), r[key].get("gw-warn")
+        a = info.cpu_per_request_ms() if info else None
+        b = warn.cpu_per_request_ms() if warn else None
+        if a is not None and b:
+            levels.append(f"{label} INFO {a:.3f} ms vs WARNING {b:.3f} ms ({(a / b - 1):+.0%})")
+
     out = [
         *head,
         "",
@@ -930,6 +1154,25 @@ def render(r: dict[str, dict[str, Result]], names: list[str], meta: dict[str, An
             ["", "plain", "429 -> next", "difference", "target", ""],
             fo,
         ),
+        "",
+        table(
+            f"{next(iter(opened.values()))['streams']:.0f} slow streams open at once (10 s each)"
+            if opened
+            else "open streams: not measured",
+            ["", "opened", "RSS before", "RSS open", "KB/stream", "RSS after", "target", ""],
+            memory,
+        ),
+        "",
+        table(
+            f"A burst of {next(iter(burst.values()))['connections']:.0f} new connections at once"
+            if burst
+            else "burst: not measured",
+            ["", "ok", "ListenOverflows", "p50 (ms)", "p90 (ms)", "p99 (ms)"],
+            bursts,
+        ),
+        "",
+        "CPU per request, log level INFO vs WARNING (goal: under 5 % apart): "
+        + ("; ".join(levels) or "-"),
         "",
         "* CPU: utime+stime of the process under test (nginx: master and worker) from "
         f"/proc/PID/stat over the measured\n  phase, {1000 / CLK_TCK:g} ms ticks; in the "
@@ -1005,6 +1248,18 @@ def main(argv: list[str] | None = None) -> None:
         help="run the gateways from DIR instead of this work tree, e.g. to compare a commit: "
         "git archive COMMIT gateway breakers | tar -x -C DIR",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-variants", dest="variants", action="store_false",
+        help="leave out the gateway at WARNING, under uvloop and with a 128 backlog",
+    )  # fmt: skip
+    parser.add_argument(
+        "--open-streams", type=int, default=1000,
+        help="slow streams held open at once for the memory phase (default 1000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--burst", type=int, default=1000,
+        help="new connections opened at once for the listen-queue phase (default 1000)",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write every number as JSON")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args(argv)
@@ -1020,6 +1275,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--gateway-src: no gateway/__main__.py in {args.gateway_src}")
     if min(args.requests, args.streams, args.chunks, args.rounds) < 1 or args.time_cap <= 0:
         parser.error("--requests, --streams, --chunks, --rounds and --time-cap must be positive")
+    raise_fd_limit()
     try:
         data = asyncio.run(run(args))
     except asyncio.CancelledError:

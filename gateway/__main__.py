@@ -8,10 +8,12 @@ import errno
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
-from typing import NoReturn, TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TextIO
 
 from aiohttp import web
 
@@ -101,6 +103,23 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def _fd_headroom(needed: int) -> None:
+    """Raise the soft limit on open files toward ``needed``: every request in flight holds
+    a client and an upstream connection, and the usual soft limit (1024) would make a busy
+    gateway fail to accept long before ``max_client_connections``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning(
+            "open files are limited to %d (ulimit -n): fewer than max_client_connections "
+            "needs (%d)",
+            target,
+            needed,
+        )
+
+
 async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> None:
     """Run the gateway until a stop signal arrives; request lines go straight to
     ``log_stream`` when given (see :mod:`gateway.request_log`)."""
@@ -123,6 +142,7 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
         host = args.host if args.host is not None else settings.host
         port = args.port if args.port is not None else settings.port
         sockets = _listen(host, port)
+        _fd_headroom(2 * settings.max_client_connections + 256)
 
         app = create_app(settings)
         if log_stream is not None:
@@ -140,7 +160,7 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
         if exposed:
             log.warning("%s", exposed)
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, backlog=settings.backlog).start()
         gc.freeze()  # start-up objects are long-lived: keep them out of every later collection
         chain = ", ".join(f"{p.display_name} ({p.base_url})" for p in settings.providers)
         log.info("gateway listening on http://%s:%d; failover order: %s", host, port, chain)
@@ -168,6 +188,26 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
             await demo.cleanup()
 
 
+def _event_loop(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """How to run the gateway: with uvloop when it is installed (``pip install
+    'llm-failover-gateway[fast]'``; it cuts the CPU per request, see bench/README.md) unless
+    ``GATEWAY_EVENT_LOOP=asyncio``; ``uvloop`` insists on it."""
+    choice = choice.strip().lower()
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError("GATEWAY_EVENT_LOOP", f"must be auto, asyncio or uvloop, got {choice!r}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    "GATEWAY_EVENT_LOOP", "uvloop is not installed (pip install uvloop)"
+                ) from None
+        else:
+            return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     handler = logging.StreamHandler()
@@ -177,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = _parse_args(argv)
     try:
-        asyncio.run(serve(args, handler.stream))
+        run = _event_loop(os.environ.get("GATEWAY_EVENT_LOOP", "auto"))
+        run(serve(args, handler.stream))
     except ConfigError as e:
         print(f"gateway: configuration error: {e}", file=sys.stderr)
         sys.exit(2)

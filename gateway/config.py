@@ -110,6 +110,9 @@ class Settings:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     max_client_connections: int = 1024
+    # Connections the kernel may queue before the gateway accepts them: a burst of new
+    # clients larger than aiohttp's 128 would overflow it and wait for SYN retransmits.
+    backlog: int = 1024
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
 
     def provider(self, name: str) -> ProviderConfig:
@@ -143,6 +146,7 @@ _GATEWAY_FIELDS = {
     "client_body_timeout": "float",
     "keepalive_timeout": "float",
     "max_client_connections": "int",
+    "backlog": "int",
     "admin_loopback_only": "bool",
     "api_keys_file": "str",
     "failover_order": "list",
@@ -313,6 +317,7 @@ def load_settings(
         ("GATEWAY_CLIENT_BODY_TIMEOUT", "client_body_timeout"),
         ("GATEWAY_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
         ("GATEWAY_MAX_CLIENT_CONNECTIONS", "max_client_connections"),
+        ("GATEWAY_BACKLOG", "backlog"),
         ("GATEWAY_ADMIN_LOOPBACK_ONLY", "admin_loopback_only"),
         ("GATEWAY_API_KEYS_FILE", "api_keys_file"),
         ("FAILOVER_ORDER", "failover_order"),
@@ -416,8 +421,9 @@ def _check_gateway(settings: Settings, origin: Mapping[str, str]) -> None:
     ):
         if getattr(settings, name) <= 0:
             raise ConfigError(key(name), "must be positive")
-    if settings.max_client_connections < 1:
-        raise ConfigError(key("max_client_connections"), "must be at least 1")
+    for name in ("max_client_connections", "backlog"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(key(name), "must be at least 1")
 
 
 def _access_policy(

@@ -101,7 +101,13 @@ class _Handler(RequestHandler):
         # aiohttp's own test for "between requests" (its keep-alive timer uses it): the
         # protocol waits on this future until the parser yields the next request.
         waiter = self._waiter
-        return waiter is not None and not waiter.done()
+        if waiter is not None:
+            return not waiter.done()
+        # Before the protocol's task first waits: uvloop delivers the first bytes right
+        # after connection_made. No request in hand and none parsed: a head is arriving.
+        return getattr(self, "_current_request", None) is None and not getattr(
+            self, "_messages", ()
+        )
 
     def _set_deadline(self, delay: float, idle: bool) -> None:
         self._deadline = self._loop.time() + delay

@@ -61,6 +61,7 @@ async def gateway_process(
         "OPENAI_API_KEY": "sk-x",
         "LMSTUDIO_BASE_URL": "",
         "OLLAMA_BASE_URL": "",
+        "GATEWAY_EVENT_LOOP": os.environ.get("GATEWAY_EVENT_LOOP", "auto"),
         **env,
     }
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once; read when it stops)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from tests.hostile_clients import (
     CHAT_HEAD,
@@ -24,6 +25,14 @@ from tests.hostile_clients import (
     read_until_closed,
     trickle,
 )
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request, monkeypatch):
+    """Each test against a gateway on either event loop: the connection layer relies on
+    when aiohttp's protocol sees its first bytes, and uvloop delivers them sooner."""
+    monkeypatch.setenv("GATEWAY_EVENT_LOOP", request.param)
+    return request.param
 
 
 async def healthy(gw) -> bool:
