@@ -16,15 +16,16 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway import metrics
-from gateway.auth import auth_middleware
+from gateway import budgets, metrics
+from gateway.auth import CLIENT_KEY, auth_middleware
 from gateway.call import Call, Reply
 from gateway.config import Settings
 from gateway.connections import parse_error_reason
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, token_count
 from gateway.failover import run
 from gateway.logsafe import escape
 from gateway.providers import DIALECTS
+from gateway.quotas import Quotas
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
 from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply
@@ -40,6 +41,7 @@ ROUTER = web.AppKey("router", Router[Provider])
 KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
 REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
+QUOTAS = web.AppKey("quotas", Quotas)  # per client key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # orjson reads up to 1024 levels but writes only 254: a body the gateway may have to
@@ -243,7 +245,10 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
 
 async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     routes = request.app[ROUTER].route(call.model)
+    quotas = request.app[QUOTAS]
     try:
+        if quotas:  # over its own quota, a client never reaches a provider
+            quotas.admit(request.get(CLIENT_KEY), call)
         answer = await run(call, routes)
     except GatewayError as e:
         call.status = e.status
@@ -262,22 +267,12 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
         resp = await send_reply(request, call, answer, request.app[SETTINGS])
     else:
         resp = await relay(request, call, answer)
+    if call.token_charges:
+        budgets.settle(call)  # the estimate, corrected from the answer's usage
     if call.failover:
         assert call.answered_by is not None
         log.info("Using %s (failover) [%s]", call.answered_by.display_name, call.request_id)
     return resp
-
-
-# Upstream usage counts are untrusted: no context window comes near a billion tokens.
-_MAX_TOKENS = 10**9
-
-
-def _token_count(value: Any) -> int | None:
-    """A usage count fit for metrics and the log, or None: a negative count would make the
-    counter raise (and the answer a 500), a string could forge a log line."""
-    if type(value) is int and 0 <= value <= _MAX_TOKENS:  # not bool, not float
-        return value
-    return None
 
 
 def _or_dash(value: int | None) -> str:
@@ -314,8 +309,8 @@ def _finish(call: Call, known: frozenset[str]) -> None:
     tokens = ""
     usage = call.usage
     if isinstance(usage, dict):
-        prompt = _token_count(usage.get("prompt_tokens"))
-        completion = _token_count(usage.get("completion_tokens"))
+        prompt = token_count(usage.get("prompt_tokens"))
+        completion = token_count(usage.get("completion_tokens"))
         if prompt is not None:
             metrics.TOKENS.labels(provider, "prompt").inc(prompt)
         if completion is not None:
@@ -408,6 +403,7 @@ def _provider_report(provider: Provider) -> dict[str, Any]:
         else None,
         "in_flight": provider.inflight,
         "queued": provider.limiter.queued,
+        "budget": provider.budget.report(),
     }
 
 
@@ -442,6 +438,7 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[ACTIVE] = set()
+    app[QUOTAS] = Quotas(settings.quotas, settings.access.client_keys)
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         redactor = Redactor(cfg.api_key for cfg in settings.providers)
