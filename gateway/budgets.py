@@ -232,15 +232,15 @@ class Budget:
                 elif bucket is None:
                     rate = limit / 60
                 if rate is not None:
+                    capacity = max(1.0, rate * self._burst)
                     if bucket is None:
-                        bucket = Bucket(rate, 1.0, at)
+                        bucket = Bucket(rate, capacity, at)
                         setattr(self, kind, bucket)
                         self._activate(kind)
                     else:
                         bucket.refill(at)
-                    bucket.rate = rate
-                    bucket.capacity = max(1.0, rate * self._burst)
-                    bucket.level = min(bucket.level, bucket.capacity)
+                        bucket.rate, bucket.capacity = rate, capacity
+                        bucket.level = min(bucket.level, capacity)
             if bucket is not None:
                 bucket.observe(remaining, reset, at)
 

@@ -100,6 +100,7 @@ def test_budget_learned_from_headers_takes_the_upstreams_refill_rate():
     assert report is not None
     assert report["requests"]["per_minute"] == pytest.approx(600)
     assert report["requests"]["burst"] == pytest.approx(10)  # one second's worth
+    assert report["requests"]["remaining"] == pytest.approx(10)  # full: 599 are left
     assert report["requests"]["source"] == "learned"
 
 
