@@ -25,6 +25,10 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _ADMIN_PREFIX = "/admin/"
 _METRICS_PREFIX = "/metrics"
 
+#: The digest of the client key a request came with (set when client keys are required),
+#: for its quota (gateway.quotas).
+CLIENT_KEY = web.RequestKey("client_key", str)
+
 
 def digest(key: str) -> str:
     """The SHA-256 hex digest under which a key is stored."""
@@ -107,12 +111,14 @@ def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamR
             wanted = policy.client_keys
         if wanted:
             token = _bearer(request)
-            if token is None or digest(token) not in wanted:
+            key = digest(token) if token is not None else None
+            if key is None or key not in wanted:
                 if token is None:
                     message = "You didn't provide an API key. Use 'Authorization: Bearer KEY'."
                 else:
                     message = "Incorrect API key provided."
                 return _denied(401, message, "invalid_api_key")
+            request[CLIENT_KEY] = key
         return await handler(request)
 
     return check

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
     from breakers import Permit, ProviderBreaker
+    from gateway.budgets import Correctable
     from gateway.sse import SSEParser
     from gateway.stream import StreamState
     from gateway.upstream import Lease, Provider
@@ -71,6 +72,10 @@ class Call:
     poisoned: bool = False  # two providers refused it alike: the request's own fault
     waiting_on: str = ""  # the provider a cancelled request was waiting on
     waited_for: float = 0.0  # and for how long
+    # Rate budgets (gateway.budgets): the request's estimated tokens (0: not estimated),
+    # and the budgets charged them that the answer's usage corrects.
+    token_estimate: int = 0
+    token_charges: tuple[Correctable, ...] = ()
 
     @property
     def failover(self) -> bool:

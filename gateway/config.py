@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 from gateway.auth import AccessPolicy, digest
 from gateway.providers import DIALECTS
+from gateway.quotas import ClientKey, QuotaSettings
 
 #: Provider names the seed knows, in the default failover order.
 BUILTIN_PROVIDERS = ("openai", "lmstudio", "ollama")
@@ -78,6 +80,9 @@ class ProviderConfig:
     max_concurrency: int = 0  # 0: no limit
     max_queue: int = 100
     max_queue_wait: float = 1.0
+    rpm: float = 0.0  # requests per minute (0: none configured; gateway.budgets)
+    tpm: float = 0.0  # tokens per minute (0: none configured)
+    burst_seconds: float = 1.0  # how many seconds of refill a budget holds (at least 1 request)
     verify_tls: bool = True
 
 
@@ -114,6 +119,7 @@ class Settings:
     # clients larger than aiohttp's 128 would overflow it and wait for SYN retransmits.
     backlog: int = 1024
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings, repr=False)  # per client key
 
     def provider(self, name: str) -> ProviderConfig:
         """Return the enabled provider called ``name``."""
@@ -151,6 +157,9 @@ _GATEWAY_FIELDS = {
     "api_keys_file": "str",
     "failover_order": "list",
 }
+_CLIENT_FIELDS = {"default_rpm": "float", "default_tpm": "float"}
+# A client's name in a keys-file line: it becomes a metric label.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _shown(url: str) -> str:
@@ -298,7 +307,9 @@ def load_settings(
     env = os.environ if env is None else env
     path = env.get("GATEWAY_CONFIG")
     data = load_toml(path, config_key) if path else {}
-    _check_keys(data, {"gateway": 1, "defaults": 1, "providers": 1, "aliases": 1}, "config")
+    _check_keys(
+        data, {"gateway": 1, "defaults": 1, "providers": 1, "aliases": 1, "clients": 1}, "config"
+    )
 
     gw_table = _table(data, "gateway")
     _check_keys(gw_table, _GATEWAY_FIELDS, "gateway")
@@ -327,12 +338,13 @@ def load_settings(
             origin[key] = var
     order = gw.pop("failover_order", None)
     order_key = origin.get("failover_order", "FAILOVER_ORDER")
-    gw["access"] = _access_policy(
+    gw["access"], client_keys = _access_policy(
         env,
         gw.pop("api_keys_file", None),
         gw.pop("admin_loopback_only", False),
         origin.get("api_keys_file", "api_keys_file"),
     )
+    gw["quotas"] = _quotas(_table(data, "clients"), client_keys, bool(gw["access"].client_keys))
     if "log_level" in gw:
         gw["log_level"] = _log_level(gw["log_level"], origin["log_level"])
 
@@ -428,27 +440,79 @@ def _check_gateway(settings: Settings, origin: Mapping[str, str]) -> None:
 
 def _access_policy(
     env: Mapping[str, str], keys_file: str | None, loopback: bool, file_key: str
-) -> AccessPolicy:
+) -> tuple[AccessPolicy, dict[str, ClientKey]]:
     """Client keys from ``GATEWAY_API_KEYS`` (plain, comma-separated) and a file of SHA-256
-    digests (one per line, ``#`` comments); the admin key from ``GATEWAY_ADMIN_KEY``.
-    ``file_key`` names where ``keys_file`` came from, for the error when it cannot be read."""
+    digests (one per line, ``#`` comments, optionally followed by ``name=NAME``, ``rpm=N``
+    and ``tpm=N``); the admin key from ``GATEWAY_ADMIN_KEY``. Returns the policy and what
+    the file's lines say about their keys. ``file_key`` names where ``keys_file`` came
+    from, for the error when it cannot be read."""
     keys = {digest(k.strip()) for k in env.get("GATEWAY_API_KEYS", "").split(",") if k.strip()}
+    clients: dict[str, ClientKey] = {}
     if keys_file:
         try:
             with open(keys_file, encoding="utf-8") as f:
-                lines = [line.split("#", 1)[0].strip().lower() for line in f]
+                lines = [line.split("#", 1)[0].split() for line in f]
         except OSError as e:
             raise ConfigError(file_key, f"cannot read {keys_file}: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
-            if not line:
+        for n, words in enumerate(lines, 1):
+            if not words:
                 continue
-            if len(line) != 64 or any(c not in "0123456789abcdef" for c in line):
+            key = words[0].lower()
+            if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
                 raise ConfigError(
                     "api_keys_file", f"line {n} of {keys_file} is not a SHA-256 hex digest"
                 )
-            keys.add(line)
+            keys.add(key)
+            if len(words) > 1:
+                clients[key] = _client_key(words[1:], f"line {n} of {keys_file}")
     admin = env.get("GATEWAY_ADMIN_KEY", "").strip()
-    return AccessPolicy(frozenset(keys), digest(admin) if admin else None, loopback)
+    policy = AccessPolicy(frozenset(keys), digest(admin) if admin else None, loopback)
+    return policy, clients
+
+
+def _client_key(attributes: list[str], where: str) -> ClientKey:
+    """``name=NAME rpm=N tpm=N`` after a digest in the keys file. The words are never
+    quoted back: a key pasted there by mistake must not reach the log."""
+    values: dict[str, str] = {}
+    for word in attributes:
+        name, sep, value = word.partition("=")
+        if not sep or name not in ("name", "rpm", "tpm"):
+            raise ConfigError(
+                "api_keys_file", f"{where}: expected name=NAME, rpm=N or tpm=N after the digest"
+            )
+        if name in values:
+            raise ConfigError("api_keys_file", f"{where}: {name}= given twice")
+        values[name] = value
+    name = values.get("name")
+    if name is not None and not _CLIENT_NAME.fullmatch(name):
+        raise ConfigError(
+            "api_keys_file", f"{where}: name= must be 1-64 letters, digits, '.', '_' or '-'"
+        )
+
+    def limit(k: str) -> float | None:
+        if k not in values:
+            return None
+        try:
+            return float(_coerce(k, "float", values[k]))
+        except ConfigError:
+            raise ConfigError(
+                "api_keys_file", f"{where}: {k}= must be a finite number, 0 or more"
+            ) from None
+
+    return ClientKey(name, limit("rpm"), limit("tpm"))
+
+
+def _quotas(table: Mapping[str, Any], clients: dict[str, ClientKey], keyed: bool) -> QuotaSettings:
+    """``[clients]`` defaults and the keys file's per-key quotas."""
+    _check_keys(table, _CLIENT_FIELDS, "clients")
+    values = {k: _coerce(f"clients.{k}", _CLIENT_FIELDS[k], v) for k, v in table.items()}
+    for k, v in values.items():
+        if v and not keyed:
+            raise ConfigError(
+                f"clients.{k}",
+                "applies to client keys, and none is set (GATEWAY_API_KEYS or api_keys_file)",
+            )
+    return QuotaSettings(**values, keys=clients)
 
 
 def _build_provider(
@@ -506,6 +570,7 @@ def _build_provider(
         "probe_interval",
         "probe_timeout",
         "stall_timeout",
+        "burst_seconds",
     ):
         if values.get(k, 1) <= 0:
             raise ConfigError(key(k), "must be positive")

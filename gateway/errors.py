@@ -51,6 +51,9 @@ class Outcome(StrEnum):
     # Skips: no request was sent.
     BREAKER_OPEN = "breaker_open"
     PROVIDER_FULL = "provider_full"
+    # The provider's rate budget (rpm/tpm, configured or learned from its headers) had
+    # nothing left for this request within max_queue_wait (gateway.budgets).
+    OUT_OF_BUDGET = "out_of_budget"
     UNSUPPORTED = "unsupported"
 
 
@@ -91,6 +94,7 @@ POLICY: dict[Outcome, Policy] = {
     Outcome.BUDGET: Policy(False, True, _N),
     Outcome.BREAKER_OPEN: Policy(False, True, _N),
     Outcome.PROVIDER_FULL: Policy(False, True, _N),
+    Outcome.OUT_OF_BUDGET: Policy(False, True, _N),
     Outcome.UNSUPPORTED: Policy(False, True, _N),
 }
 
@@ -109,6 +113,7 @@ PHRASES = {
     Outcome.BUDGET: "took its share of the request's time",
     Outcome.BREAKER_OPEN: "circuit breaker open",
     Outcome.PROVIDER_FULL: "at its concurrency limit",
+    Outcome.OUT_OF_BUDGET: "out of its rate budget",
     Outcome.UNSUPPORTED: "does not support this endpoint",
 }
 
@@ -250,12 +255,13 @@ def parse_retry_after(headers: Any, cap: float = MAX_RETRY_AFTER) -> float | Non
     # OpenAI's reset time counts only when the request budget is what ran out.
     reset = headers.get("x-ratelimit-reset-requests")
     if reset and headers.get("x-ratelimit-remaining-requests") == "0":
-        return clamp_seconds(_parse_duration(reset), cap)
+        return clamp_seconds(parse_duration(reset), cap)
     return None
 
 
-def _parse_duration(text: str) -> float | None:
-    """OpenAI's reset durations: '1s', '6m0s', '20ms', '1h2m3.5s'."""
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations: '1s', '6m0s', '20ms', '1h2m3.5s' (a bare number is seconds);
+    None when ``text`` is not one."""
     total, num = 0.0, ""
     i = 0
     try:
@@ -273,6 +279,18 @@ def _parse_duration(text: str) -> float | None:
         return total + float(num) if num else total
     except (KeyError, ValueError):
         return None
+
+
+#: Upstream usage counts are untrusted: no context window comes near a billion tokens.
+MAX_TOKENS = 10**9
+
+
+def token_count(value: Any) -> int | None:
+    """A usage count fit for metrics, budgets and the log, or None: a negative count would
+    make a counter raise (and the answer a 500), a string could forge a log line."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:  # not bool, not float
+        return value
+    return None
 
 
 def classify_response(
@@ -334,6 +352,7 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -342,12 +361,15 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.headers = headers  # e.g. a client's own x-ratelimit-* budget
 
     def response(self, headers: dict[str, str] | None = None) -> web.Response:
-        """The error as a response; ``Retry-After`` is added when the error has one."""
+        """The error as a response; ``Retry-After`` and the error's own headers are added."""
         headers = dict(headers or {})
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
+        if self.headers:
+            headers.update(self.headers)
         return web.Response(
             body=error_body(self.message, self.type, self.code, self.param),
             status=self.status,

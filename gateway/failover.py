@@ -19,7 +19,7 @@ from dataclasses import replace
 import aiohttp
 
 from breakers import STALLED_KIND, Cause
-from gateway import metrics
+from gateway import budgets, metrics
 from gateway.call import AttemptRecord, Call, Reply, StreamStart
 from gateway.errors import (
     PHRASES,
@@ -43,7 +43,13 @@ _RETURNED_AS_IS = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.CONTENT_R
 # Answers kept as a Reply: those above, and context_too_long, shown if nothing better comes.
 _KEPT = _RETURNED_AS_IS | {Outcome.CONTEXT_TOO_LONG}
 _SKIPS = frozenset(
-    {Outcome.BREAKER_OPEN, Outcome.PROVIDER_FULL, Outcome.UNSUPPORTED, Outcome.MODEL_MISSING}
+    {
+        Outcome.BREAKER_OPEN,
+        Outcome.PROVIDER_FULL,
+        Outcome.OUT_OF_BUDGET,
+        Outcome.UNSUPPORTED,
+        Outcome.MODEL_MISSING,
+    }
 )
 # Attempts that say nothing about whether providers could serve the request.
 _NOT_CANDIDATES = frozenset({Outcome.UNSUPPORTED, Outcome.MODEL_MISSING, Outcome.STALE_CONNECTION})
@@ -201,9 +207,11 @@ async def _try_provider(
             _record(call, provider, cls, wait)
             if isinstance(answer, StreamStart):
                 handed_over = True
+                _charged(call, lease)
                 return answer
             if answer is not None and answer.outcome in _KEPT:
                 lease.judge(cls.outcome)
+                _charged(call, lease)
                 return answer
             if request_fault(cls):
                 # Judged once the request is over: if another provider refuses it the same
@@ -222,6 +230,9 @@ async def _try_provider(
                 if cls.retry_after is not None
                 else random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2**tries))
             )
+            budget = provider.budget
+            if budget.active:  # a resend spends the rate budget like any request
+                delay = max(delay, budget.wait(lease.tokens, budgets.now()))
             # One backoff budget for the whole request: a request sleeps through a long
             # Retry-After at most once, whichever provider asked for it.
             if call.backoff + delay > cfg.max_retry_wait or loop.time() + delay >= call.deadline:
@@ -234,6 +245,8 @@ async def _try_provider(
                 _skip_open(call, provider, delay)
                 return None
             lease.permit = permit
+            if budget.active:
+                budget.charge(lease.tokens, budgets.now())
             tries += 1
             wait = delay
     finally:
@@ -258,29 +271,57 @@ def _settle_deferred(call: Call) -> None:
     call.deferred.clear()
 
 
+def _charged(call: Call, lease: Lease) -> None:
+    """The answer comes from ``lease``: its budget's token charge is corrected from usage."""
+    if lease.tokens:
+        call.token_charges += (lease.provider.budget,)
+
+
 async def _take_slot(call: Call, lease: Lease) -> bool:
-    """A concurrency slot for ``lease``; False (recorded) when none came in time."""
+    """A concurrency slot and the rate budget for ``lease``; False (recorded) when they did
+    not come in time.
+
+    Both are waited for in the provider's one FIFO queue, up to ``max_queue_wait``. A
+    request whose budget cannot refill within that wait (counting those in line before it)
+    moves on at once, with the refill time as its retry hint.
+    """
     provider = lease.provider
     limiter = provider.limiter
-    if not limiter.full():
-        await limiter.acquire(0)
-        lease.hold_slot()
+    budget = provider.budget
+    tokens = budgets.cost(call, budget) if budget.active else 0
+    if limiter.try_acquire(tokens):
+        lease.hold_slot(tokens)
         return True
     loop = asyncio.get_running_loop()
-    start = time.perf_counter()
     remaining = call.deadline - loop.time()
     queue_wait = provider.config.max_queue_wait
-    got = await limiter.acquire(min(queue_wait, remaining))
+    wait = min(queue_wait, remaining)
+    if limiter.budget_wait(tokens) > wait:
+        _out_of_budget(call, provider, tokens)
+        return False
+    # A free slot with a queue: the budget holds the line.
+    histogram = metrics.BUDGET_WAIT if limiter.slot_free() else metrics.QUEUE_WAIT
+    start = time.perf_counter()
+    got = await limiter.acquire(wait, tokens)
     waited = time.perf_counter() - start
     call.waited += waited
-    metrics.QUEUE_WAIT.labels(provider.name).observe(waited)
+    histogram.labels(provider.name).observe(waited)
     if got:
-        lease.hold_slot()
+        lease.hold_slot(tokens)
     elif remaining < queue_wait and loop.time() >= call.deadline:
         _record(call, provider, Classified(Outcome.DEADLINE, "request deadline reached in queue"))
+    elif budget.active and limiter.slot_free():
+        _out_of_budget(call, provider, tokens)
     else:
         _record(call, provider, Classified(Outcome.PROVIDER_FULL, "no free slot"))
     return got
+
+
+def _out_of_budget(call: Call, provider: Provider, tokens: int) -> None:
+    """Record a move past a provider whose rate budget is spent, with when it refills."""
+    refill = provider.budget.wait(tokens, budgets.now())
+    detail = f"rate budget spent; refills in {refill:.1f}s"
+    _record(call, provider, Classified(Outcome.OUT_OF_BUDGET, detail, None, refill))
 
 
 def _open_for(cls: Classified, provider: Provider) -> float | None:
@@ -326,6 +367,7 @@ async def _send(
                     return _STALE, None
                 raise
             provider.last_byte = loop.time()
+            provider.budget.learn(resp.headers)  # x-ratelimit-*: slow down before a 429
             if resp.status >= 300 or not call.stream:
                 return await read_answer(provider, resp)
             cls, start_ = await hold(lease, resp, call.request_id)
@@ -376,9 +418,13 @@ def _gave_up(call: Call, provider: Provider, lease: Lease, waited: float, sent_a
         provider.breaker.record_failure(lease.permit, None, Cause(STALLED_KIND, why))
 
 
+_LATER = frozenset({Outcome.RATE_LIMITED, Outcome.PROVIDER_FULL, Outcome.OUT_OF_BUDGET})
+
+
 def _busy(record: AttemptRecord) -> bool:
-    """True for an attempt that says "later": rate limited, full, or open because of it."""
-    return record.outcome in (Outcome.RATE_LIMITED, Outcome.PROVIDER_FULL) or (
+    """True for an attempt that says "later": rate limited, full, out of budget, or open
+    because of a rate limit."""
+    return record.outcome in _LATER or (
         record.outcome is Outcome.BREAKER_OPEN and record.cause == Outcome.RATE_LIMITED.value
     )
 

@@ -55,6 +55,7 @@ class Histogram(_CachedChildren, prometheus_client.Histogram):
 
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 REQUESTS = Counter(
@@ -119,7 +120,30 @@ QUEUE_WAIT = Histogram(
     "gateway_queue_wait_seconds",
     "Time requests waited for a provider's concurrency slot",
     ["provider"],
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+    buckets=_QUEUE_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "gateway_queue_depth",
+    "Requests waiting in each provider's queue, for a concurrency slot or rate budget",
+    ["provider"],
+)
+BUDGET_WAIT = Histogram(
+    "gateway_budget_wait_seconds",
+    "Time requests waited in a provider's queue while its rate budget held the line",
+    ["provider"],
+    buckets=_QUEUE_BUCKETS,
+)
+BUDGET_REMAINING = Gauge(
+    "gateway_budget_remaining",
+    "What each provider's rate budget holds now (configured or learned), by kind: "
+    "requests or tokens",
+    ["provider", "kind"],
+)
+CLIENT_QUOTA_REFUSALS = Counter(
+    "gateway_client_quota_refusals_total",
+    "Client requests refused with 429 because the client's key was over its own quota, "
+    "by client name and the quota that was spent (requests or tokens)",
+    ["client", "kind"],
 )
 TOKENS = Counter(
     "gateway_tokens_total",

@@ -15,16 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from gateway import metrics
 from gateway.call import Call
+from gateway.errors import token_count
 from gateway.logsafe import escape
 
 log = logging.getLogger("gateway")
-
-# A usage count above this is not believed (and would swell the token counter).
-_MAX_TOKENS = 10**9
 
 
 class RequestLog:
@@ -74,14 +72,6 @@ class RequestLog:
             self._stream.flush()
         except (OSError, ValueError):  # a closed or broken log stream: like logging, go on
             pass
-
-
-def token_count(value: Any) -> int | None:
-    """A usage count fit for metrics and the log, or None: a negative count would make the
-    counter raise (and the answer a 500), a string could forge a log line."""
-    if type(value) is int and 0 <= value <= _MAX_TOKENS:  # not bool, not float
-        return value
-    return None
 
 
 def _or_dash(value: int | None) -> str:

@@ -16,14 +16,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway import metrics
-from gateway.auth import auth_middleware
+from gateway import budgets, metrics
+from gateway.auth import CLIENT_KEY, auth_middleware
 from gateway.call import Call, Reply
 from gateway.config import Settings
 from gateway.connections import parse_error_reason
 from gateway.errors import GatewayError
 from gateway.failover import run
 from gateway.providers import DIALECTS
+from gateway.quotas import Quotas
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
 from gateway.request_log import RequestLog, finish
@@ -41,6 +42,7 @@ KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
+QUOTAS = web.AppKey("quotas", Quotas)  # per client key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # orjson reads up to 1024 levels but writes only 254: a body the gateway may have to
@@ -244,7 +246,10 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
 
 async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     routes = request.app[ROUTER].route(call.model)
+    quotas = request.app[QUOTAS]
     try:
+        if quotas:  # over its own quota, a client never reaches a provider
+            quotas.admit(request.get(CLIENT_KEY), call)
         answer = await run(call, routes)
     except GatewayError as e:
         call.status = e.status
@@ -263,6 +268,8 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
         resp = await send_reply(request, call, answer, request.app[SETTINGS])
     else:
         resp = await relay(request, call, answer)
+    if call.token_charges:
+        budgets.settle(call)  # the estimate, corrected from the answer's usage
     if call.failover:
         assert call.answered_by is not None
         log.info("Using %s (failover) [%s]", call.answered_by.display_name, call.request_id)
@@ -343,6 +350,7 @@ def _provider_report(provider: Provider) -> dict[str, Any]:
         else None,
         "in_flight": provider.inflight,
         "queued": provider.limiter.queued,
+        "budget": provider.budget.report(),
     }
 
 
@@ -378,6 +386,7 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     app[SETTINGS] = settings
     app[REQUEST_LOG] = RequestLog()
     app[ACTIVE] = set()
+    app[QUOTAS] = Quotas(settings.quotas, settings.access.client_keys)
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         redactor = Redactor(cfg.api_key for cfg in settings.providers)

@@ -1,5 +1,5 @@
-"""A configured provider at run time: session, breaker, prober, limiter, and the lease
-that admits one attempt.
+"""A configured provider at run time: session, breaker, prober, limiter, budget, and the
+lease that admits one attempt.
 
 ``providers/`` holds the API dialects only; this module holds what the gateway keeps per
 configured provider for the life of the process.
@@ -19,6 +19,7 @@ from aiobreaker import CircuitBreakerListener
 from breakers import STALLED_KIND, Cause, Permit, Prober, ProbeResult, ProviderBreaker, State
 from breakers.breaker import state_of
 from gateway import metrics
+from gateway.budgets import Budget
 from gateway.config import ProviderConfig, Settings
 from gateway.errors import POLICY, BreakerEffect, Outcome
 from gateway.limits import Limiter
@@ -92,7 +93,7 @@ class _BreakerMetrics(CircuitBreakerListener):
 
 
 class Provider:
-    """A configured provider: its session, breaker, prober, limiter and load."""
+    """A configured provider: its session, breaker, prober, limiter, budget and load."""
 
     def __init__(
         self, config: ProviderConfig, dialect: Dialect, settings: Settings, redactor: Redactor
@@ -111,8 +112,12 @@ class Provider:
         # it (loop time), and the requests waiting for its first byte.
         self.last_byte = 0.0
         self.waiting: set[asyncio.Task[Any]] = set()
-        self.limiter = Limiter(config.max_concurrency, config.max_queue)
+        self.budget = Budget(
+            config.name, config.rpm, config.tpm, config.burst_seconds, config.quota_reset_timeout
+        )
+        self.limiter = Limiter(config.max_concurrency, config.max_queue, self.budget)
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
+        metrics.QUEUE_DEPTH.labels(self.name).set_function(lambda: self.limiter.queued)
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
         metrics.BREAKER_STATE.labels(self.name).set(0)
@@ -207,16 +212,19 @@ class Lease:
     :meth:`finish` gives the breaker its verdict and frees everything, exactly once.
     """
 
-    __slots__ = ("_slot", "permit", "provider")
+    __slots__ = ("_slot", "permit", "provider", "tokens")
 
     def __init__(self, provider: Provider, permit: Permit) -> None:
         self.provider = provider
         self.permit = permit
         self._slot = False
+        self.tokens = 0  # estimated tokens each send is charged on the provider's budget
 
-    def hold_slot(self) -> None:
-        """Record that a limiter slot was taken (freed by :meth:`finish`)."""
+    def hold_slot(self, tokens: int = 0) -> None:
+        """Record that a limiter slot was taken (freed by :meth:`finish`), and the
+        provider's budget charged ``tokens`` for it."""
         self._slot = True
+        self.tokens = tokens
         self.provider.inflight_gauge.inc()
 
     def judge(self, outcome: Outcome, open_for: float | None = None, detail: str = "") -> None:

@@ -7,7 +7,9 @@ dropped connections, slow first tokens. Streams come in every shape real servers
 fields other than ``content``, ``n > 1`` with a choice cut short, ``"error": null``, odd
 media-type case, the body's end in a later read than ``[DONE]``, legacy completions. The
 server counts TCP connections, records the bytes of every stream it sent, and notices
-when the gateway hangs up on it.
+when the gateway hangs up on it. With :attr:`FakeUpstream.rpm` set it enforces a rate
+limit of its own, as OpenAI does (smoothly: one second's worth at a time), and answers 429
+``rate_limit_exceeded`` past it.
 """
 
 from __future__ import annotations
@@ -325,6 +327,12 @@ class FakeUpstream:
         self._server: asyncio.Server | None = None
         self.port = 0
         self.text = "".join(WORDS)
+        # Its own rate limit (0: none): rpm / 60 requests a second, one second's worth (at
+        # least 1) at a time; a request past it gets 429 and is counted in ``refused``.
+        self.rpm = 0.0
+        self.refused = 0
+        self._allowance: float | None = None
+        self._allowance_at = 0.0
 
     @property
     def url(self) -> str:
@@ -390,6 +398,9 @@ class FakeUpstream:
         body = orjson.loads(await request.read())
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if self.rpm and not self._within_rpm():
+            self.refused += 1
+            return await self._answer(request, body, rate_limited())
         b = self.script.popleft() if self.script else self.default
         try:
             return await self._answer(request, body, b)
@@ -499,6 +510,22 @@ class FakeUpstream:
         if b.end_delay:
             await asyncio.sleep(b.end_delay)  # the chunked terminator comes in a later read
         return resp
+
+    def _within_rpm(self) -> bool:
+        """Take one request from the rate limit's bucket; False when it is empty."""
+        rate = self.rpm / 60
+        capacity = max(1.0, rate)
+        now = time.monotonic()
+        if self._allowance is None:
+            self._allowance = capacity
+        else:
+            elapsed = now - self._allowance_at
+            self._allowance = min(capacity, self._allowance + elapsed * rate)
+        self._allowance_at = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
 
     @staticmethod
     def _piece(field: str, i: int) -> Any:

@@ -34,7 +34,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import metrics
+from gateway.auth import AccessPolicy, digest
 from gateway.config import Settings
+from gateway.quotas import ClientKey, QuotaSettings
 from gateway.server import create_app
 from tests.conftest import chat, provider_configs
 from tests.fake_upstream import (
@@ -301,14 +303,20 @@ def prometheus_config_path() -> Path:
     raise AssertionError("docker-compose.yml does not mount a prometheus.yml")
 
 
-def prometheus_config_for(target: str, directory: Path) -> Path:
-    """docker-compose's prometheus.yml with only the target and the intervals replaced."""
+def prometheus_config_for(target: str, directory: Path, admin_key: str) -> Path:
+    """docker-compose's prometheus.yml with only the target and the intervals replaced, and
+    its commented ``authorization`` block in use (with ``admin_key`` in a file)."""
     source = prometheus_config_path()
     config = load_yaml(source)
     (job,) = config["scrape_configs"]
     (static,) = job["static_configs"]
     assert static["targets"] == ["gateway:8080"]
     static["targets"] = [target]
+    commented = "# authorization:\n    #   credentials_file: /etc/prometheus/gateway-admin-key"
+    assert commented in source.read_text()
+    key_file = directory / "gateway-admin-key"
+    key_file.write_text(admin_key)
+    job["authorization"] = {"credentials_file": str(key_file)}
     config["global"]["scrape_interval"] = "1s"
     config["global"]["evaluation_interval"] = "1s"
     for rule_file in config["rule_files"]:  # relative to the config file, as in compose
@@ -393,12 +401,26 @@ def gateway_requests_so_far() -> float:
     )
 
 
+# The gateway wants keys: the client's, the quota-limited client's, Prometheus's.
+CLIENT_KEY, LIMITED_KEY, ADMIN_KEY = "client-key", "limited-client-key", "admin-key"
+
+
+def _spent(reset: str) -> dict[str, str]:
+    """Headers of an answer that says the provider's request budget is spent until ``reset``."""
+    return {
+        "x-ratelimit-limit-requests": "600",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": reset,
+    }
+
+
 async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2: Any) -> None:
     """Failovers of every kind, plus the cases some panels need (queueing, a cut...)."""
     url = f"{base}/v1/chat/completions"
 
-    async def post(body: dict[str, Any], status: int = 200) -> bytes:
-        async with session.post(url, json=body) as resp:
+    async def post(body: dict[str, Any], status: int = 200, key: str = CLIENT_KEY) -> bytes:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with session.post(url, json=body, headers=headers) as resp:
             data = await resp.read()
             assert resp.status == status, data
             return data
@@ -426,10 +448,37 @@ async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2:
     # A client that leaves mid-stream.
     gone = up1.disconnects
     up1.then(stream(tokens=6, chunk_delay=0.1))
-    async with session.post(url, json=chat(stream=True)) as resp:
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    async with session.post(url, json=chat(stream=True), headers=headers) as resp:
         assert (await resp.content.readany()).startswith(b"data: ")
         resp.close()
     await wait_until(lambda: up1.disconnects > gone)
+    # OpenAI says its request budget is spent for a moment: the next request waits for it
+    # in OpenAI's queue (unless it comes later than that); spent for longer than
+    # max_queue_wait (1 s), the next moves on.
+    up1.then(ok(headers=_spent("900ms")))
+    await post(chat())
+    await post(chat())
+    up1.then(ok(headers=_spent("3s")))
+    await post(chat())
+    await post(chat())  # out_of_budget on OpenAI: LM Studio answers
+
+    async def openai_has_budget() -> bool:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with session.get(f"{base}/admin/providers", headers=admin) as resp:
+            budget = (await resp.json())["providers"][0]["budget"]
+            return budget["requests"]["remaining"] >= 1
+
+    for _ in range(100):  # the next round starts with OpenAI's budget back (3 s; at most 10)
+        if await openai_has_budget():
+            break
+        await asyncio.sleep(0.1)
+    # A client with a quota of one request a minute: served in the first round only.
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    async with session.post(url, json=chat(), headers=limited) as resp:
+        await resp.read()
+        assert resp.status in (200, 429)
+    await post(chat(), status=429, key=LIMITED_KEY)
 
 
 @needs_prometheus
@@ -448,7 +497,12 @@ async def test_dashboard_and_alert_queries_against_real_prometheus(upstreams, tm
                 "lmstudio": {"max_concurrency": 1, "max_queue_wait": 2.0},
                 "ollama": {"fail_max": 1},
             },
-        )
+        ),
+        access=AccessPolicy(
+            client_keys=frozenset({digest(CLIENT_KEY), digest(LIMITED_KEY)}),
+            admin_key=digest(ADMIN_KEY),
+        ),
+        quotas=QuotaSettings(keys={digest(LIMITED_KEY): ClientKey("limited", rpm=1)}),
     )
     runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -458,10 +512,10 @@ async def test_dashboard_and_alert_queries_against_real_prometheus(upstreams, tm
         await site.start()
         port = runner.addresses[0][1]
         base = f"http://127.0.0.1:{port}"
-        config = prometheus_config_for(f"127.0.0.1:{port}", tmp_path)
+        config = prometheus_config_for(f"127.0.0.1:{port}", tmp_path, ADMIN_KEY)
         run_promtool("check", "config", str(config), cwd=tmp_path)
         prometheus = Prometheus(config, tmp_path)
-        deadline = time.monotonic() + 30  # every wait below is bounded by this
+        deadline = time.monotonic() + 45  # every wait below is bounded by this
         async with aiohttp.ClientSession() as session:
             await prometheus.ready(session, deadline)
 
