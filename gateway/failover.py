@@ -374,9 +374,11 @@ async def _send(
             handed_over = start_ is not None
             return cls, start_
     except TimeoutError as e:
-        if limit >= remaining:  # the request's own deadline, not the provider's timeout
-            return Classified(Outcome.DEADLINE, "request deadline reached"), None
-        if limit < own:  # this provider's share: the next one gets the rest
+        if limit < own:  # the request's time ran out, not the provider's own timeout
+            provider.waiting.discard(task)  # the evidence may move waiting requests on
+            _stall_evidence(call, provider, lease, loop.time() - sent_at, sent_at)
+            if limit >= remaining:
+                return Classified(Outcome.DEADLINE, "request deadline reached"), None
             return Classified(Outcome.BUDGET, f"no answer within its {limit:.1f}s share"), None
         if resp is None and isinstance(e, aiohttp.ServerTimeoutError):
             return Classified(
@@ -403,18 +405,24 @@ async def _send(
 
 
 def _gave_up(call: Call, provider: Provider, lease: Lease, waited: float, sent_at: float) -> None:
-    """The client left (or the gateway is stopping) while ``provider`` had not answered.
-
-    The attempt is recorded with how long it waited. A client that gave up after
-    ``stall_timeout`` with no byte from the provider on any request since this one was sent
-    is evidence of a hung provider: one breaker failure (the request's own timeout, which
-    would have counted too, never fires now).
-    """
+    """The client left (or the gateway is stopping) while ``provider`` had not answered:
+    the attempt is recorded with how long it waited, and may be evidence of a hang."""
     detail = f"the client left after {waited:.1f}s waiting on {provider.display_name}"
     _record(call, provider, Classified(Outcome.CANCELLED, detail))
     call.waiting_on, call.waited_for = provider.name, waited
-    if waited >= provider.config.stall_timeout and provider.last_byte < sent_at:
-        why = f"no byte for {waited:.1f}s, and the client gave up"
+    _stall_evidence(call, provider, lease, waited, sent_at)
+
+
+def _stall_evidence(
+    call: Call, provider: Provider, lease: Lease, waited: float, sent_at: float
+) -> None:
+    """One breaker failure (``stalled``) for a stream that waited ``stall_timeout`` or more
+    without a byte back (a healthy server answers a stream's headers at once), while no
+    other request there got one either: a hung provider, whether the client gave up or the
+    request's own time ran out. The provider's own timeout, which would have counted too,
+    never fires for this attempt now."""
+    if call.stream and waited >= provider.config.stall_timeout and provider.last_byte < sent_at:
+        why = f"no byte for {waited:.1f}s on a stream"
         provider.breaker.record_failure(lease.permit, None, Cause(STALLED_KIND, why))
 
 

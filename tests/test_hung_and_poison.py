@@ -83,7 +83,7 @@ async def test_a_client_giving_up_on_a_silent_provider_is_evidence(gateway, upst
     client = await gateway(
         a, stall_timeout=0.3, first_token_timeout=60, response_timeout=60, fail_max=1
     )
-    task = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat()))
+    task = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(stream=True)))
     await wait_until(lambda: len(a.requests) == 1)
     await asyncio.sleep(0.5)
     task.cancel()
@@ -101,6 +101,34 @@ def await_line(caplog, needle):
     raise AssertionError(f"no log line with {needle!r}")
 
 
+async def test_a_silent_non_stream_answer_is_no_evidence(gateway, upstreams):
+    """A non-streaming answer sends no byte before it is whole: long generations look
+    like silence, so a client that gives up on one says nothing about the provider."""
+    a = await upstreams("a")
+    a.default = fu.silent()
+    client = await gateway(a, stall_timeout=0.3, response_timeout=60)
+    task = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat()))
+    await wait_until(lambda: len(a.requests) == 1)
+    await asyncio.sleep(0.5)
+    task.cancel()
+    await wait_until(lambda: a.disconnects == 1)
+    assert provider(client).breaker.fail_counter == 0
+
+
+async def test_streams_that_spend_their_share_on_a_hung_provider_are_evidence(gateway, upstreams):
+    a, b = await upstreams("a"), await upstreams("b")
+    hung(a)
+    client = await gateway(a, b, stall_timeout=0.3, fail_max=2, first_token_timeout=30)
+    for _ in range(2):
+        resp, _ = await post(client, chat(stream=True), headers={"x-gateway-timeout": "1"})
+        assert resp.headers["x-gateway-provider"] == "lmstudio"
+    breaker = provider(client).breaker
+    assert breaker.state is State.OPEN and breaker.cause.kind == STALLED_KIND
+    resp, _ = await post(client, chat(stream=True), headers={"x-gateway-timeout": "1"})
+    assert resp.headers["x-gateway-attempts"] == "2"  # skipped at once now
+    assert len(a.requests) == 2
+
+
 async def test_an_impatient_client_is_not_evidence(gateway, upstreams):
     a = await upstreams("a")
     a.default = fu.ok(delay=1)
@@ -115,7 +143,7 @@ async def test_an_impatient_client_is_not_evidence(gateway, upstreams):
 async def test_a_client_deadline_leaves_time_for_the_fallback(gateway, upstreams):
     a, b = await upstreams("a"), await upstreams("b")
     hung(a)
-    client = await gateway(a, b, first_token_timeout=30, response_timeout=30)
+    client = await gateway(a, b, first_token_timeout=30, response_timeout=30, stall_timeout=5)
     for stream in (False, True):
         resp, body = await post(client, chat(stream=stream), headers={"x-gateway-timeout": "2"})
         assert resp.status == 200, body
