@@ -239,6 +239,10 @@ async def test_status_page_is_guarded_like_admin(gateway, upstreams):
         assert await status_from(keyed, path, REMOTE) == 401
         assert await status_from(keyed, path, REMOTE, bearer(CLIENT_KEY)) == 401
         assert await status_from(keyed, path, REMOTE, bearer(ADMIN_KEY)) in (200, 204)
+    client_keys_only = (await gateway(a, settings={"access": policy_without_admin()})).server.app
+    assert await status_from(client_keys_only, "/status.json", REMOTE, bearer(CLIENT_KEY)) == 403
+    assert await status_from(client_keys_only, "/status.json", LOCAL) == 401
+    assert await status_from(client_keys_only, "/status.json", LOCAL, bearer(CLIENT_KEY)) == 200
     strict = (await gateway(a, settings={"access": policy(admin_loopback_only=True)})).server.app
     for path in ("/status", *data):
         assert await status_from(strict, path, REMOTE, bearer(ADMIN_KEY)) == 403
