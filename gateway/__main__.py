@@ -120,6 +120,13 @@ def _fd_headroom(needed: int) -> None:
         )
 
 
+def _address(host: str, port: int) -> str:
+    """``host:port`` for a browser on this machine: every interface is reachable as loopback."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> None:
     """Run the gateway until a stop signal arrives; request lines go straight to
     ``log_stream`` when given (see :mod:`gateway.request_log`)."""
@@ -165,6 +172,7 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
         chain = ", ".join(f"{p.display_name} ({p.base_url})" for p in settings.providers)
         log.info("gateway listening on http://%s:%d; failover order: %s", host, port, chain)
         if args.demo:
+            log.info("demo: watch failover live at http://%s/status", _address(host, port))
             log.info(
                 "demo: try  curl -s localhost:%d/v1/chat/completions"
                 " -H 'Content-Type: application/json'"

@@ -8,9 +8,12 @@ not, is ever logged or echoed.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
+import os
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -24,6 +27,12 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # shows counts, not configuration.
 _ADMIN_PREFIX = "/admin/"
 _METRICS_PREFIX = "/metrics"
+# The status page is guarded like /admin/*. Its HTML holds no data (it is the form that
+# asks for the key), and a browser's EventSource cannot send a header, so a GET there
+# may also present the session cookie that POST /status/session gives for the key.
+_STATUS_PAGE = "/status"
+_STATUS_PATHS = frozenset({_STATUS_PAGE, "/status.json", "/status/events", "/status/session"})
+SESSION_COOKIE = "gateway_status"
 
 #: The digest of the client key a request came with (set when client keys are required),
 #: for its quota (gateway.quotas).
@@ -47,6 +56,34 @@ class AccessPolicy:
     client_keys: frozenset[str] = frozenset()  # digests
     admin_key: str | None = None  # digest
     admin_loopback_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """Status page sessions: ``EXPIRY.MAC`` cookies signed with a secret of this process
+    (a restart or a new key signs everyone out), valid for ``ttl`` seconds. The key
+    itself never leaves the request that presents it."""
+
+    ttl: int = 12 * 3600
+    secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+
+    def _mac(self, expiry: str) -> str:
+        return hmac.new(self.secret, expiry.encode(), hashlib.sha256).hexdigest()
+
+    def issue(self) -> tuple[str, int]:
+        """A new session's cookie value and its lifetime in seconds."""
+        expiry = str(int(time.time()) + self.ttl)
+        return f"{expiry}.{self._mac(expiry)}", self.ttl
+
+    def valid(self, value: str | None) -> bool:
+        """True for an unexpired cookie value that this process issued."""
+        expiry, _, mac = (value or "").partition(".")
+        if not expiry.isdigit() or not hmac.compare_digest(mac, self._mac(expiry)):
+            return False
+        return int(expiry) > time.time()
+
+
+SESSIONS = web.AppKey("status_sessions", Sessions)
 
 
 def exposure_warning(host: str, port: int, policy: AccessPolicy) -> str | None:
@@ -90,8 +127,13 @@ def _denied(status: int, message: str, code: str) -> web.Response:
     return GatewayError(status, message, code=code).response(headers)
 
 
-def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """A middleware enforcing ``policy``; the request never reaches a handler if denied."""
+def auth_middleware(
+    policy: AccessPolicy, sessions: Sessions | None = None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware enforcing ``policy``; the request never reaches a handler if denied.
+
+    ``sessions`` checks the status page's cookie (by default, a set of its own)."""
+    sessions = sessions if sessions is not None else Sessions()
 
     @web.middleware
     async def check(
@@ -100,7 +142,8 @@ def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamR
         path = request.path
         if path in _OPEN_PATHS:
             return await handler(request)
-        admin = path.startswith(_ADMIN_PREFIX)
+        status = path in _STATUS_PATHS
+        admin = status or path.startswith(_ADMIN_PREFIX)
         if admin or path.startswith(_METRICS_PREFIX):
             keyless_admin = admin and policy.admin_key is None
             if (policy.admin_loopback_only or keyless_admin) and not _is_loopback(request):
@@ -109,6 +152,9 @@ def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamR
             wanted = {policy.admin_key} if policy.admin_key else policy.client_keys
         else:
             wanted = policy.client_keys
+        if wanted and status and request.method == "GET":
+            if path == _STATUS_PAGE or sessions.valid(request.cookies.get(SESSION_COOKIE)):
+                return await handler(request)
         if wanted:
             token = _bearer(request)
             key = digest(token) if token is not None else None

@@ -1,11 +1,14 @@
-"""The providers at a glance, for the log: one line each after the first round of probes."""
+"""The providers at a glance: in words for the log (one line each after the first round of
+probes), and as data for ``/admin/providers`` and the status page."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from breakers import State
 from gateway.upstream import Provider
@@ -30,6 +33,39 @@ def provider_status(provider: Provider) -> tuple[bool, str]:
         loaded = ", ".join(sorted(provider.loaded_models or ())) or "none"
         return True, f"reachable, but model {model!r} is not loaded (loaded: {loaded})"
     return True, "usable"
+
+
+def provider_report(provider: Provider) -> dict[str, Any]:
+    """A provider's breaker, last probe, models and load, as ``/admin/providers`` shows them."""
+    breaker = provider.breaker
+    prober = provider.prober
+    last = prober.last if prober is not None else None
+    opened = breaker.opened_at
+    reopen = breaker.reopen_at()
+    return {
+        "name": provider.name,
+        "display_name": provider.display_name,
+        "base_url": provider.config.base_url,
+        "model": provider.config.model,
+        "state": breaker.state.value,
+        "consecutive_failures": breaker.fail_counter,
+        "fail_max": breaker.fail_max,
+        "opened_at": opened.isoformat() if opened else None,
+        "reopens_at": reopen.isoformat() if reopen else None,
+        "last_probe": None
+        if last is None
+        else {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last.at)),
+            "latency_ms": round(last.latency * 1000, 2),
+            "error": last.error,
+        },
+        "loaded_models": sorted(provider.loaded_models)
+        if provider.loaded_models is not None
+        else None,
+        "in_flight": provider.inflight,
+        "queued": provider.limiter.queued,
+        "budget": provider.budget.report(),
+    }
 
 
 async def log_after_first_probes(providers: Sequence[Provider]) -> None:

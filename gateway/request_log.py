@@ -21,6 +21,7 @@ from gateway import metrics
 from gateway.call import Call
 from gateway.errors import token_count
 from gateway.logsafe import escape
+from gateway.status import StatusRecorder
 
 log = logging.getLogger("gateway")
 
@@ -78,8 +79,10 @@ def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def finish(call: Call, known: frozenset[str], request_log: RequestLog) -> None:
-    """Metrics and the one log line of a finished request."""
+def finish(
+    call: Call, known: frozenset[str], request_log: RequestLog, recorder: StatusRecorder
+) -> None:
+    """Metrics, the one log line and the status page's record of a finished request."""
     elapsed = time.perf_counter() - call.started
     answered = call.answered_by
     provider = answered.name if answered is not None else "none"
@@ -108,6 +111,7 @@ def finish(call: Call, known: frozenset[str], request_log: RequestLog) -> None:
             metrics.TOKENS.labels(provider, "completion").inc(completion)
         if prompt is not None or completion is not None:
             tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
+    recorder.record(call, model, elapsed)
     if not request_log.enabled:
         return
     chain = ">".join([f"{r.provider.name}:{r.outcome.value}" for r in call.records])

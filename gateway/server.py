@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,8 +15,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway import budgets, metrics
-from gateway.auth import CLIENT_KEY, auth_middleware
+from gateway import budgets, metrics, status
+from gateway.auth import CLIENT_KEY, SESSIONS, Sessions, auth_middleware
 from gateway.call import Call, Reply
 from gateway.config import Settings
 from gateway.connections import parse_error_reason
@@ -26,7 +25,7 @@ from gateway.failover import run
 from gateway.providers import DIALECTS
 from gateway.quotas import Quotas
 from gateway.redact import Redactor
-from gateway.report import log_after_first_probes
+from gateway.report import log_after_first_probes, provider_report
 from gateway.request_log import RequestLog, finish
 from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply
 from gateway.routing import Router
@@ -236,7 +235,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
             try:
                 return await _answer(request, call)
             finally:
-                finish(call, app[KNOWN_MODELS], app[REQUEST_LOG])
+                finish(call, app[KNOWN_MODELS], app[REQUEST_LOG], app[status.RECORDER])
         finally:
             app[ACTIVE].discard(task)
 
@@ -322,41 +321,9 @@ async def _healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def _provider_report(provider: Provider) -> dict[str, Any]:
-    breaker = provider.breaker
-    prober = provider.prober
-    last = prober.last if prober is not None else None
-    opened = breaker.opened_at
-    reopen = breaker.reopen_at()
-    return {
-        "name": provider.name,
-        "display_name": provider.display_name,
-        "base_url": provider.config.base_url,
-        "model": provider.config.model,
-        "state": breaker.state.value,
-        "consecutive_failures": breaker.fail_counter,
-        "fail_max": breaker.fail_max,
-        "opened_at": opened.isoformat() if opened else None,
-        "reopens_at": reopen.isoformat() if reopen else None,
-        "last_probe": None
-        if last is None
-        else {
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last.at)),
-            "latency_ms": round(last.latency * 1000, 2),
-            "error": last.error,
-        },
-        "loaded_models": sorted(provider.loaded_models)
-        if provider.loaded_models is not None
-        else None,
-        "in_flight": provider.inflight,
-        "queued": provider.limiter.queued,
-        "budget": provider.budget.report(),
-    }
-
-
 async def _admin_providers(request: web.Request) -> web.Response:
     providers = request.app[PROVIDERS].values()
-    return json_response({"providers": [_provider_report(p) for p in providers]})
+    return json_response({"providers": [provider_report(p) for p in providers]})
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -381,19 +348,26 @@ async def _metrics(request: web.Request) -> web.Response:
 def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     """The gateway application for ``settings``; ``probes=False`` skips health polling."""
     # Always: even with no keys, /admin/* is for loopback peers only.
-    middlewares = [_errors, auth_middleware(settings.access)]
+    sessions = Sessions()  # the status page's, signed with a secret of this process
+    middlewares = [_errors, auth_middleware(settings.access, sessions)]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[REQUEST_LOG] = RequestLog()
+    app[SESSIONS] = sessions
     app[ACTIVE] = set()
     app[QUOTAS] = Quotas(settings.quotas, settings.access.client_keys)
 
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         redactor = Redactor(cfg.api_key for cfg in settings.providers)
+        recorder = status.StatusRecorder(
+            [cfg.name for cfg in settings.providers], send_timeout=settings.send_timeout
+        )
         providers = {
-            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings, redactor)
+            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings, redactor, recorder)
             for cfg in settings.providers
         }
+        recorder.providers = list(providers.values())
+        app[status.RECORDER] = recorder
         for provider in providers.values():
             await provider.start(probes=probes)
         app[PROVIDERS] = providers
@@ -413,10 +387,14 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         finally:
             if report is not None:
                 report.cancel()
+            await recorder.close()
             for provider in providers.values():
                 await provider.close()
 
     app.cleanup_ctx.append(providers_ctx)
+    # Open status streams end before the server waits for its handlers to finish.
+    app.on_shutdown.append(lambda app: app[status.RECORDER].close())
+    status.add_routes(app)
     for endpoint in ("chat/completions", "completions", "embeddings"):
         app.router.add_post(f"/v1/{endpoint}", _proxy(endpoint), expect_handler=_expect)
     for path, get in (

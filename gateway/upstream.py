@@ -11,7 +11,7 @@ import asyncio
 import logging
 import weakref
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiobreaker import CircuitBreakerListener
@@ -25,6 +25,9 @@ from gateway.errors import POLICY, BreakerEffect, Outcome
 from gateway.limits import Limiter
 from gateway.providers import Dialect
 from gateway.redact import Redactor
+
+if TYPE_CHECKING:
+    from gateway.status import StatusRecorder
 
 log = logging.getLogger("gateway")
 
@@ -63,7 +66,8 @@ class _Connector(aiohttp.TCPConnector):
 
 
 class _BreakerMetrics(CircuitBreakerListener):
-    """Mirrors breaker transitions into Prometheus and the log, with their cause."""
+    """Mirrors breaker transitions into Prometheus, the log and the status page, with
+    their cause."""
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider.name
@@ -76,6 +80,7 @@ class _BreakerMetrics(CircuitBreakerListener):
         metrics.BREAKER_STATE.labels(self.provider).set(metrics.BREAKER_STATE_VALUES[new])
         metrics.BREAKER_TRANSITIONS.labels(self.provider, old.value, new.value).inc()
         breaker = self.owner.breaker
+        self.owner.status.transition(self.provider, old, new, _reason(old, new, breaker.cause))
         if new is State.OPEN:
             # Once per opening: what failed, where, and what the gateway does about it.
             log.warning(
@@ -92,13 +97,32 @@ class _BreakerMetrics(CircuitBreakerListener):
             log.info("%s circuit breaker %s -> %s", self.display_name, old.value, new.value)
 
 
+def _reason(old: State, new: State, cause: Cause | None) -> str:
+    """Why a breaker moved from ``old`` to ``new``, in words for the status page."""
+    if new is State.OPEN:
+        why = str(cause or "failures")
+        return f"trial failed: {why}" if old is State.HALF_OPEN else why
+    if new is State.HALF_OPEN:
+        return "one trial request may pass (open period over, or a good probe)"
+    return "trial request succeeded"
+
+
 class Provider:
-    """A configured provider: its session, breaker, prober, limiter, budget and load."""
+    """A configured provider: its session, breaker, prober, limiter, budget and load.
+
+    Its breaker's transitions are reported to ``status`` (the status page's recorder).
+    """
 
     def __init__(
-        self, config: ProviderConfig, dialect: Dialect, settings: Settings, redactor: Redactor
+        self,
+        config: ProviderConfig,
+        dialect: Dialect,
+        settings: Settings,
+        redactor: Redactor,
+        status: StatusRecorder,
     ) -> None:
         self.config = config
+        self.status = status
         self.name = config.name
         self.display_name = config.display_name
         self.dialect = dialect

@@ -1,8 +1,8 @@
 """CI cannot go green by skipping, and the README says what the plain test command skips.
 
 ``GATEWAY_TEST_STRICT=1`` (set by ``.ci/run``) turns every skip into a failure: the suites
-that need extra tools (real llama.cpp, a real Prometheus, the Compose binary, openssl) skip
-with their install command on a developer's machine, and must run in CI.
+that need extra tools (real llama.cpp, a real Prometheus, the Compose binary, openssl,
+Chromium) skip with their install command on a developer's machine, and must run in CI.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def test_ci_is_strict_and_lints_before_testing():
 
 def test_ci_installs_every_optional_tool():
     text = "\n".join(ci_lines())
-    for tool in ("prometheus", "openssl"):
+    for tool in ("prometheus", "openssl", "chromium"):
         assert re.search(rf"apt-get install .*{tool}", text), f"CI does not install {tool}"
     assert re.search(r"pip install -e '\.\[test,e2e\]'", text)
 
@@ -176,6 +176,7 @@ def test_readme_says_what_the_plain_test_command_skips():
     for needed in (
         "apt-get install prometheus",  # tests/test_monitoring.py
         "apt-get install openssl",  # tests/test_security.py
+        "apt-get install -y chromium",  # tests/test_status_page.py
         "pip install -e '.[test,e2e]'",  # tests/e2e
         "bash .ci/run",
         "root",

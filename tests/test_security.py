@@ -224,5 +224,30 @@ async def test_admin_key_opens_admin_to_other_hosts(gateway, upstreams):
     assert await status_from(strict, "/admin/providers", LOCAL, bearer(ADMIN_KEY)) == 200
 
 
+async def test_status_page_is_guarded_like_admin(gateway, upstreams):
+    """Loopback only without an admin key; with one, the page (a sign-in form, no data) is
+    served to any peer and the data takes the key (or the session cookie it buys)."""
+    a = await upstreams("a")
+    data = ("/status.json", "/status/session")
+    keyless = (await gateway(a)).server.app
+    for path in ("/status", *data):
+        assert await status_from(keyless, path, REMOTE) == 403
+        assert await status_from(keyless, path, LOCAL) in (200, 204)
+    keyed = (await gateway(a, settings={"access": policy()})).server.app
+    assert await status_from(keyed, "/status", REMOTE) == 200
+    for path in data:
+        assert await status_from(keyed, path, REMOTE) == 401
+        assert await status_from(keyed, path, REMOTE, bearer(CLIENT_KEY)) == 401
+        assert await status_from(keyed, path, REMOTE, bearer(ADMIN_KEY)) in (200, 204)
+    client_keys_only = (await gateway(a, settings={"access": policy_without_admin()})).server.app
+    assert await status_from(client_keys_only, "/status.json", REMOTE, bearer(CLIENT_KEY)) == 403
+    assert await status_from(client_keys_only, "/status.json", LOCAL) == 401
+    assert await status_from(client_keys_only, "/status.json", LOCAL, bearer(CLIENT_KEY)) == 200
+    strict = (await gateway(a, settings={"access": policy(admin_loopback_only=True)})).server.app
+    for path in ("/status", *data):
+        assert await status_from(strict, path, REMOTE, bearer(ADMIN_KEY)) == 403
+    assert await status_from(strict, "/status.json", LOCAL, bearer(ADMIN_KEY)) == 200
+
+
 def policy_without_admin():
     return AccessPolicy(frozenset({digest(CLIENT_KEY)}))
