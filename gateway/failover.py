@@ -367,6 +367,7 @@ async def _send(
                     return _STALE, None
                 raise
             provider.last_byte = loop.time()
+            provider.waiting.discard(task)  # bytes came back: not hung, whatever follows
             provider.budget.learn(resp.headers)  # x-ratelimit-*: slow down before a 429
             if resp.status >= 300 or not call.stream:
                 return await read_answer(provider, resp)
@@ -416,13 +417,12 @@ def _gave_up(call: Call, provider: Provider, lease: Lease, waited: float, sent_a
 def _stall_evidence(
     call: Call, provider: Provider, lease: Lease, waited: float, sent_at: float
 ) -> None:
-    """One breaker failure (``stalled``) for a stream that waited ``stall_timeout`` or more
-    without a byte back (a healthy server answers a stream's headers at once), while no
-    other request there got one either: a hung provider, whether the client gave up or the
-    request's own time ran out. The provider's own timeout, which would have counted too,
-    never fires for this attempt now."""
-    if call.stream and waited >= provider.config.stall_timeout and provider.last_byte < sent_at:
-        why = f"no byte for {waited:.1f}s on a stream"
+    """One breaker failure (``stalled``) for a request that waited ``stall_timeout`` or more
+    without a byte back while no other request there got one either: a hung provider,
+    whether the client gave up or the request's own time ran out. The provider's own
+    timeout, which would have counted too, never fires for this attempt now."""
+    if waited >= provider.config.stall_timeout and provider.last_byte < sent_at:
+        why = f"no byte for {waited:.1f}s"
         provider.breaker.record_failure(lease.permit, None, Cause(STALLED_KIND, why))
 
 

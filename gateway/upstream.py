@@ -135,6 +135,7 @@ class Provider:
         # Progress, to tell a busy provider from a hung one: when a byte last came back from
         # it (loop time), and the requests waiting for its first byte.
         self.last_byte = 0.0
+        # Requests with no byte back yet, not even response headers.
         self.waiting: set[asyncio.Task[Any]] = set()
         self.budget = Budget(
             config.name, config.rpm, config.tpm, config.burst_seconds, config.quota_reset_timeout
@@ -209,16 +210,21 @@ class Provider:
         return model not in models and f"{model}:latest" not in models
 
     def progress_since(self, since: float) -> bool | None:
-        """True when a byte came back from this provider since loop time ``since`` (busy);
-        False when requests are in flight and none did (stalled); None when idle."""
+        """Whether this provider is busy (True), hung (False) or idle (None), as seen from
+        loop time ``since``: busy when a byte came back since then, or when everything in
+        flight has had its headers (a stream on a long prompt is silent for a while); hung
+        when a request still waits for its first byte and nothing came back."""
         if self.last_byte >= since:
             return True
-        return False if self.inflight else None
+        if self.waiting:
+            return False
+        return True if self.inflight else None
 
     def abandon_waiting(self) -> None:
         """Move every request still waiting for this provider's first byte elsewhere."""
         for task in list(self.waiting):
             task.cancel(STALLED)
+        self.waiting.clear()
 
     @property
     def inflight(self) -> int:
