@@ -440,14 +440,18 @@ async def measure(
     cpu: Callable[[], tuple[float, float]] | None,
     ours: Callable[[], float] | None = None,
     warm: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Result:
-    """Warm up (also opens the connections), then measure ``n`` requests."""
+    """Warm up (also opens the connections), then measure ``n`` requests (each with
+    ``headers``, if given)."""
     stream = bool(body.get("stream"))
     raw = orjson.dumps(body)
     res = Result(name, n, concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers
+    ) as session:
         warm = max(2 * concurrency, 50) if warm is None else warm
         await _drive(session, url, raw, stream, warm, concurrency, cap, None)
         gc.collect()

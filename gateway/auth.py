@@ -24,6 +24,8 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # shows counts, not configuration.
 _ADMIN_PREFIX = "/admin/"
 _METRICS_PREFIX = "/metrics"
+#: The digest of the client key a request presented (never the key): the cache's partition.
+CLIENT_KEY = web.RequestKey("client_key_digest", str)
 
 
 def digest(key: str) -> str:
@@ -107,12 +109,13 @@ def auth_middleware(policy: AccessPolicy) -> Callable[..., Awaitable[web.StreamR
             wanted = policy.client_keys
         if wanted:
             token = _bearer(request)
-            if token is None or digest(token) not in wanted:
+            if token is None or (presented := digest(token)) not in wanted:
                 if token is None:
                     message = "You didn't provide an API key. Use 'Authorization: Bearer KEY'."
                 else:
                     message = "Incorrect API key provided."
                 return _denied(401, message, "invalid_api_key")
+            request[CLIENT_KEY] = presented
         return await handler(request)
 
     return check

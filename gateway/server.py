@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics
 from gateway.auth import auth_middleware
+from gateway.cache import Backend, Cache, MemoryBackend
+from gateway.cached import CachedAnswers
 from gateway.call import Call, Reply
 from gateway.config import Settings
 from gateway.connections import parse_error_reason
@@ -27,7 +29,7 @@ from gateway.logsafe import escape
 from gateway.providers import DIALECTS
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
-from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply
+from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply, shutting_down
 from gateway.routing import Router
 from gateway.stream import relay
 from gateway.upstream import Provider
@@ -40,6 +42,7 @@ ROUTER = web.AppKey("router", Router[Provider])
 KNOWN_MODELS = web.AppKey("known_models", frozenset[str])
 REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
+CACHED = web.AppKey("cached", CachedAnswers)  # set when [cache] is enabled
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # orjson reads up to 1024 levels but writes only 254: a body the gateway may have to
@@ -216,7 +219,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
                     if e.args != (SHUTDOWN_REASON,):
                         raise
                     task.uncancel()
-                    raise _shutting_down() from None
+                    raise shutting_down() from None
             except GatewayError as e:
                 metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
                 raise
@@ -243,6 +246,11 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
 
 async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     routes = request.app[ROUTER].route(call.model)
+    cached = request.app.get(CACHED)
+    if cached is not None:
+        resp = await cached.answer(request, call, routes)
+        if resp is not None:
+            return resp
     try:
         answer = await run(call, routes)
     except GatewayError as e:
@@ -254,7 +262,7 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             call.status = 503
             call.result = "shutdown"
-            return _shutting_down().response(gateway_headers(call))
+            return shutting_down().response(gateway_headers(call))
         call.result = "cancelled"
         metrics.CLIENT_DISCONNECTS.inc()
         raise
@@ -284,20 +292,10 @@ def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def _shutting_down() -> GatewayError:
-    return GatewayError(
-        503,
-        "The gateway is shutting down; retry the request.",
-        type_="server_error",
-        code="shutting_down",
-        retry_after=1,
-    )
-
-
 def _finish(call: Call, known: frozenset[str]) -> None:
     """Metrics and the one log line of a finished request."""
     elapsed = time.perf_counter() - call.started
-    provider = call.answered_by.name if call.answered_by is not None else "none"
+    provider = call.provider_name
     model = metrics.model_label(call.model, known)
     stream = "true" if call.stream else "false"
     status = str(call.status or 499)
@@ -323,9 +321,15 @@ def _finish(call: Call, known: frozenset[str]) -> None:
         if prompt is not None or completion is not None:
             tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
     chain = ">".join(r.provider.name + ":" + r.outcome.value for r in call.records)
+    cache = ""
+    if call.cache:
+        metrics.CACHE_REQUESTS.labels(call.cache).inc()
+        cache = f" cache={call.cache}"
+        if call.cache_source:  # a hit: who produced the stored answer
+            cache += f" source={call.cache_source}"
     log.info(
         "request id=%s model=%s stream=%s provider=%s status=%s outcome=%s attempts=%d "
-        "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s%s",
+        "chain=%s latency_ms=%.1f ttft_ms=%s tokens=%s%s%s",
         call.request_id,
         escape(call.model, 100),  # a client's string: no CR, LF or ANSI in the log
         stream,
@@ -341,6 +345,7 @@ def _finish(call: Call, known: frozenset[str]) -> None:
         f" waiting_on={call.waiting_on} waited_ms={call.waited_for * 1000:.0f}"
         if call.waiting_on
         else "",
+        cache,
     )
 
 
@@ -417,14 +422,17 @@ async def _admin_providers(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    # The cache is a helper: an unreachable Redis shows here but does not make it unready.
+    cached = request.app.get(CACHED)
+    cache = {"cache": cached.cache.health()} if cached is not None else {}
     reasons: dict[str, str] = {}
     for provider in request.app[PROVIDERS].values():
         if provider.usable():
-            return json_response({"status": "ready", "provider": provider.name})
+            return json_response({"status": "ready", "provider": provider.name, **cache})
         reasons[provider.name] = (
             f"circuit breaker open, retry in {provider.breaker.retry_in():.1f}s"
         )
-    return json_response({"status": "unavailable", "providers": reasons}, status=503)
+    return json_response({"status": "unavailable", "providers": reasons, **cache}, status=503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -472,6 +480,8 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
                 await provider.close()
 
     app.cleanup_ctx.append(providers_ctx)
+    if settings.cache.enabled:
+        app.cleanup_ctx.append(_cache_ctx)
     for endpoint in ("chat/completions", "completions", "embeddings"):
         app.router.add_post(f"/v1/{endpoint}", _proxy(endpoint), expect_handler=_expect)
     for path, get in (
@@ -483,6 +493,27 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     ):
         app.router.add_get(path, get, expect_handler=_expect)
     return app
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The cache's backend (Redis when configured, else memory) and its flights."""
+    settings = app[SETTINGS]
+    cfg = settings.cache
+    if cfg.redis_url is not None:
+        from gateway.cache_redis import RedisBackend  # the optional extra: only when used
+
+        backend: Backend = RedisBackend(cfg)
+    else:
+        backend = MemoryBackend(cfg.max_entries, cfg.max_bytes)
+    partitioned = bool(settings.access.client_keys) and not cfg.shared
+    cached = CachedAnswers(Cache(cfg, backend, partitioned), settings)
+    metrics.export_cache_series()
+    metrics.CACHE_BACKEND_UP.set(1)
+    app[CACHED] = cached
+    try:
+        yield
+    finally:
+        await cached.close()
 
 
 async def drain(runner: web.AppRunner, grace: float) -> None:

@@ -393,6 +393,9 @@ def gateway_requests_so_far() -> float:
     )
 
 
+CACHE_USE = {"x-gateway-cache": "use"}
+
+
 async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2: Any) -> None:
     """Failovers of every kind, plus the cases some panels need (queueing, a cut...)."""
     url = f"{base}/v1/chat/completions"
@@ -430,6 +433,10 @@ async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2:
         assert (await resp.content.readany()).startswith(b"data: ")
         resp.close()
     await wait_until(lambda: up1.disconnects > gone)
+    # The cache: stored, then replayed (the cache panels' queries need both).
+    for _ in range(2):
+        async with session.post(url, json=chat(temperature=0), headers=CACHE_USE) as resp:
+            assert resp.status == 200, await resp.read()
 
 
 @needs_prometheus
