@@ -37,8 +37,6 @@ import aiohttp
 
 from bench.run import (
     CHAT,
-    HERE,
-    MODEL,
     Proc,
     Result,
     fmt,
@@ -47,6 +45,7 @@ from bench.run import (
     measure,
     signed,
     spawn,
+    start_upstream,
     table,
     wait_ready,
 )
@@ -96,16 +95,7 @@ async def _phase(
 
 async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> None:
     py = sys.executable
-    up_port = free_port()
-    upstream = spawn(
-        "upstream",
-        [py, str(HERE / "fake_upstream.py"), "--port", str(up_port), "--model", MODEL,
-         "--chunks", str(args.chunks)],
-        tmp,
-    )  # fmt: skip
-    procs.append(upstream)
-    up = f"http://127.0.0.1:{up_port}"
-    await wait_ready(upstream, f"{up}/v1/models")
+    up, _ = await start_upstream(args.chunks, tmp, procs)
     chat = "/v1/chat/completions"
     config = tmp / "gateway.toml"
     config.write_text("[cache]\nttl = 3600\n")

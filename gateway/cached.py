@@ -36,10 +36,11 @@ from gateway.errors import GatewayError, Outcome
 from gateway.failover import run
 from gateway.respond import (
     SHUTDOWN_REASON,
+    error_response,
     gateway_headers,
     send_body,
     send_reply,
-    shutting_down,
+    shutdown_response,
     sse_headers,
 )
 from gateway.routing import Route
@@ -95,9 +96,7 @@ class CachedAnswers:
                         return resp
             return await self._fly(request, call, routes, plan)
         except GatewayError as e:
-            call.status = e.status
-            call.result = e.code or "error"
-            return e.response(gateway_headers(call))
+            return error_response(call, e)
 
     async def _replay(
         self, request: web.Request, call: Call, entry: Entry
@@ -207,9 +206,7 @@ class CachedAnswers:
         except asyncio.CancelledError as e:
             if e.args == (SHUTDOWN_REASON,):
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                call.status = 503
-                call.result = "shutdown"
-                return shutting_down().response(gateway_headers(call))
+                return shutdown_response(call)
             self._client_left(call, flight, reader)
             raise
         finally:
@@ -269,9 +266,7 @@ class CachedAnswers:
         if flight.reply is not None:
             return await send_reply(request, call, flight.reply, self.settings)
         error = flight.error or GatewayError(500, "Internal gateway error", type_="server_error")
-        call.status = error.status
-        call.result = error.code or "error"
-        return error.response(gateway_headers(call))
+        return error_response(call, error)
 
     async def _read_stream(
         self, request: web.Request, call: Call, flight: Flight, reader: Reader, first: bool

@@ -103,6 +103,20 @@ async def send_body(
     return resp
 
 
+def error_response(call: Call, error: GatewayError) -> web.Response:
+    """``error`` as ``call``'s response; its status and code go to the request's log line."""
+    call.status = error.status
+    call.result = error.code or "error"
+    return error.response(gateway_headers(call))
+
+
+def shutdown_response(call: Call) -> web.Response:
+    """The 503 of a request that a graceful shutdown ended before its answer began."""
+    resp = error_response(call, shutting_down())
+    call.result = "shutdown"
+    return resp
+
+
 def shutting_down() -> GatewayError:
     """The 503 of a request that a graceful shutdown ended before its answer began."""
     return GatewayError(

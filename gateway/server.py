@@ -29,7 +29,13 @@ from gateway.logsafe import escape
 from gateway.providers import DIALECTS
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes
-from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply, shutting_down
+from gateway.respond import (
+    SHUTDOWN_REASON,
+    error_response,
+    send_reply,
+    shutdown_response,
+    shutting_down,
+)
 from gateway.routing import Router
 from gateway.stream import relay
 from gateway.upstream import Provider
@@ -254,15 +260,11 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     try:
         answer = await run(call, routes)
     except GatewayError as e:
-        call.status = e.status
-        call.result = e.code or "error"
-        return e.response(gateway_headers(call))
+        return error_response(call, e)
     except asyncio.CancelledError as e:
         if e.args == (SHUTDOWN_REASON,):
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            call.status = 503
-            call.result = "shutdown"
-            return shutting_down().response(gateway_headers(call))
+            return shutdown_response(call)
         call.result = "cancelled"
         metrics.CLIENT_DISCONNECTS.inc()
         raise
