@@ -6,25 +6,22 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import orjson
+from aiohttp import web
 
-from gateway.server import CACHED
-from tests.conftest import chat
+from gateway.config import Settings
+from gateway.server import CACHED, create_app, drain
+from tests.conftest import chat, provider_configs
 from tests.fake_upstream import ok, server_error, stream, wait_until
 
 USE = {"x-gateway-cache": "use"}
 BODY = chat(temperature=0)
 
 
-def flight(client: Any) -> Any:
-    """The one flight in the air."""
-    (only,) = client.app[CACHED].flights.values()
-    return only
-
-
-def readers(client: Any) -> int:
-    flights = client.app[CACHED].flights
-    return sum(len(f.readers) for f in flights.values())
+def readers(app: Any) -> int:
+    """Clients reading flights now."""
+    return sum(len(f.readers) for f in app[CACHED].flights.values())
 
 
 async def fetch(client: Any, body: dict[str, Any]) -> tuple[int, Any, bytes]:
@@ -39,7 +36,7 @@ async def test_fifty_identical_requests_make_one_upstream_call(gateway, upstream
     client = await gateway(up)
     tasks = [asyncio.create_task(fetch(client, BODY)) for _ in range(40)]
     tasks += [asyncio.create_task(fetch(client, {**BODY, "stream": True})) for _ in range(10)]
-    await wait_until(lambda: readers(client) == 50 and len(up.requests) == 1)
+    await wait_until(lambda: readers(client.app) == 50 and len(up.requests) == 1)
     gate.set()
     results = await asyncio.gather(*tasks)
     assert [status for status, _, _ in results] == [200] * 50
@@ -73,10 +70,10 @@ async def test_the_first_client_leaving_mid_stream_still_completes_the_others(ga
     answer = asyncio.create_task(fetch(client, BODY))
     leaving = await client.post("/v1/chat/completions", json=body, headers=USE)
     await leaving.content.readany()  # a follower that got the start, then leaves too
-    await wait_until(lambda: readers(client) == 6)
+    await wait_until(lambda: readers(client.app) == 6)
     first.close()
     leaving.close()
-    await wait_until(lambda: readers(client) == 4)
+    await wait_until(lambda: readers(client.app) == 4)
     midway.set()
     results = await asyncio.gather(*streams, answer)
     for status, headers, data in results[:3]:
@@ -99,9 +96,9 @@ async def test_a_failed_first_call_is_handed_to_a_follower(gateway, upstreams):
     up.then(failure)
     client = await gateway(up, max_retries=0)
     leader = asyncio.create_task(fetch(client, BODY))
-    await wait_until(lambda: readers(client) == 1 and len(up.requests) == 1)
+    await wait_until(lambda: readers(client.app) == 1 and len(up.requests) == 1)
     follower = asyncio.create_task(fetch(client, BODY))
-    await wait_until(lambda: readers(client) == 2)
+    await wait_until(lambda: readers(client.app) == 2)
     gate.set()
     (status, headers, body), (f_status, f_headers, f_body) = await asyncio.gather(leader, follower)
     assert status == 503 and orjson.loads(body)["error"]["code"] == "all_providers_failed"
@@ -123,3 +120,33 @@ async def test_the_last_client_leaving_cancels_the_upstream_call(gateway, upstre
     await wait_until(lambda: client.app[CACHED].flights == {})
     assert client.app[CACHED].cache.backend.keys() == []
     midway.set()
+
+
+async def test_a_graceful_shutdown_ends_every_client_of_a_shared_call(upstreams):
+    up = await upstreams("openai")
+    midway = asyncio.Event()
+    up.then(stream(midway=midway))
+    app = create_app(Settings(providers=provider_configs(up)), probes=False)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions"
+        async with aiohttp.ClientSession() as session:
+            body = {**BODY, "stream": True}
+            first = await session.post(url, json=body, headers=USE)
+            await first.content.readany()  # committed
+            follower = await session.post(url, json=body, headers=USE)
+            waiting = asyncio.create_task(session.post(url, json=BODY, headers=USE))
+            await wait_until(lambda: readers(app) == 3)
+            await drain(runner, 0.1)
+            for resp in (first, follower):
+                events = (await resp.read()).split(b"\n\n")
+                assert b'"code":"shutting_down"' in events[-2] and b"[DONE]" not in events[-2]
+            answer = await waiting
+            assert answer.status == 503
+            assert (await answer.json())["error"]["code"] == "shutting_down"
+        await wait_until(lambda: up.disconnects == 1)  # the upstream call was cancelled too
+    finally:
+        midway.set()
+        await runner.cleanup()
