@@ -39,6 +39,7 @@ from bench.run import (
     CHAT,
     Proc,
     Result,
+    Targets,
     fmt,
     free_port,
     gateway_env,
@@ -47,6 +48,7 @@ from bench.run import (
     spawn,
     start_upstream,
     table,
+    wait_quiet,
     wait_ready,
 )
 
@@ -98,7 +100,9 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> None:
     up, _ = await start_upstream(args.chunks, tmp, procs)
     chat = "/v1/chat/completions"
     config = tmp / "gateway.toml"
-    config.write_text("[cache]\nttl = 3600\n")
+    # Without coalescing, "refresh" is the whole miss path at c=50 too: identical requests
+    # in flight would otherwise share one upstream call.
+    config.write_text("[cache]\nttl = 3600\ncoalesce = false\n")
     gateways: dict[str, tuple[str, Proc]] = {}
     redis_url = None
     if args.redis:
@@ -140,6 +144,8 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> None:
             if name in got and got[name] != want:
                 raise SystemExit(f"{name}: x-gateway-cache {got[name]!r}, expected {want!r}")
 
+    if args.wait_quiet > 0:
+        await wait_quiet(Targets({}, {}, procs), args.wait_quiet)
     n, rounds, cap = args.requests, args.rounds, args.time_cap
     r = {
         "ns1": await _phase("non-streaming c=1", targets, BODY, n, 1, rounds, cap),
@@ -208,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-cap", type=float, default=30.0, help="seconds per phase")
     parser.add_argument("--redis", action="store_true", help="also a hit from Redis")
     parser.add_argument("--gateway-log-level", default="INFO")
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+        help="first wait up to SECONDS for other processes to stop using the CPU",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if min(args.requests, args.chunks, args.rounds) < 1 or args.time_cap <= 0:
         parser.error("--requests, --chunks, --rounds and --time-cap must be positive")

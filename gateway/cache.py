@@ -24,6 +24,7 @@ got, so a hit is replayed byte for byte (``id`` and ``created`` included).
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,6 @@ import orjson
 
 from gateway import metrics
 from gateway.config import CacheSettings
-from gateway.convert import ConvertError, fold_stream
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ _KEY_VERSION = 1  # bump when the key's material changes: old entries then simpl
 # What an entry costs besides its body and key (its bookkeeping), for the byte bound.
 ENTRY_OVERHEAD = 160
 _MAGIC = b"gwc1\n"
+# A streamed choice that a content filter stopped, and a refusal (a non-null string).
+_FILTERED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"')
+_REFUSED = re.compile(rb'"refusal"\s*:\s*"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +140,20 @@ def sampled(call: Call) -> bool:
 
 
 def storable(kind: str, body: bytes, endpoint: str) -> bool:
-    """True when ``body`` is a complete answer worth replaying (see the module's docstring)."""
+    """True when ``body`` is a complete answer worth replaying (see the module's docstring).
+
+    A stream (``sse``) comes from the relay, whose stream state has judged every event:
+    it is complete, with no event dropped. What is left to see is a filtered or refused
+    answer, found in its bytes (folding the stream costs as much as relaying it again);
+    a text that merely mentions these words is JSON-escaped, so it does not match.
+    """
+    if kind == "sse":
+        if b"content_filter" in body and _FILTERED.search(body):  # `in` first: faster
+            return False
+        return not (b'"refusal"' in body and _REFUSED.search(body))
     try:
-        if kind == "sse":
-            answer = fold_stream(body, endpoint)
-        else:
-            answer = orjson.loads(body)
-    except (ConvertError, orjson.JSONDecodeError):
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return False
     if not isinstance(answer, dict):
         return False

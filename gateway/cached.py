@@ -4,7 +4,8 @@
 hit byte for byte (converted when the request wants the other form: ``gateway.convert``).
 On a miss the request joins the flight of an identical request already upstream
 (``coalesced``), or starts one (``miss``; ``gateway.coalesce``); the flight stores a
-complete answer when it ends.
+complete answer before its last byte goes out, so that a client that repeats a request
+once its answer has ended gets a hit, from any gateway that shares the cache.
 
 A flight's upstream call is its first client's: that client gets the attempts, the
 failures and the tokens in its log line and metrics. The others get the answer only: a
@@ -21,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -158,30 +160,34 @@ class CachedAnswers:
     async def _produce(
         self, request: web.Request, flight: Flight, routes: list[Route[Provider]], plan: Plan
     ) -> None:
-        """The upstream call, then the store (the flight's readers do not wait for it)."""
+        """The upstream call. A complete answer is stored before its last byte goes to the
+        readers, so that a client that repeats a request after its answer ended gets a hit,
+        from any gateway that shares the cache."""
         call = flight.call
-        entry: Entry | None = None
         try:
             try:
                 answer = await run(call, routes)
             except GatewayError as e:
                 flight.fail(e)
                 return
-            if answer.provider is not call.first_route:
-                log.info("Using %s (failover) [%s]", answer.provider.display_name, call.request_id)
+            provider = answer.provider
+            if provider is not call.first_route:
+                log.info("Using %s (failover) [%s]", provider.display_name, call.request_id)
             if isinstance(answer, Reply):
                 ok = answer.outcome is Outcome.OK
-                flight.settle(answer, ok)
                 if ok:
-                    entry = Entry("json", answer.body, answer.provider.name, time.time())
-            else:
-                await relay(request, call, answer, Sink(flight, answer.state))
-                flight.settle(None, False)
-                if flight.complete and not answer.state.dropped and not flight.overflowed:
-                    body = b"".join(flight.chunks)
-                    entry = Entry("sse", body, answer.provider.name, time.time())
-            if entry is not None:
-                await self.cache.put(plan.key, entry, plan.ttl, call.endpoint)
+                    await self._store(plan, call, Entry("json", answer.body, provider.name, 0))
+                flight.settle(answer, ok)
+                return
+            state = answer.state
+
+            async def store(last: bytes) -> None:
+                if not state.dropped and not flight.overflowed:
+                    body = b"".join(flight.chunks) + last
+                    await self._store(plan, call, Entry("sse", body, provider.name, 0))
+
+            await relay(request, call, answer, Sink(flight, state, store))
+            flight.settle(None, False)
         except asyncio.CancelledError:
             raise  # its last reader left
         except Exception:
@@ -192,6 +198,14 @@ class CachedAnswers:
                 flight.settle(None, False)
             if self.flights.get(flight.key) is flight:
                 del self.flights[flight.key]
+
+    async def _store(self, plan: Plan, call: Call, entry: Entry) -> None:
+        """Store ``entry`` (stamped now) if it is worth it; never fails the answer."""
+        entry = replace(entry, created=time.time())
+        try:
+            await self.cache.put(plan.key, entry, plan.ttl, call.endpoint)
+        except Exception:
+            log.exception("could not store an answer in the cache [%s]", call.request_id)
 
     async def _read(
         self, request: web.Request, call: Call, flight: Flight, first: bool

@@ -16,6 +16,7 @@ upstream on their own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -57,7 +58,7 @@ class Flight:
         self.error: GatewayError | None = None  # why no provider answered
         self.readers: list[Reader] = []
         self.task: asyncio.Task[None] | None = None
-        self._changed: asyncio.Future[None] | None = None
+        self._changed = asyncio.Event()  # set (and replaced) at every change
 
     @property
     def overflowed(self) -> bool:
@@ -98,15 +99,13 @@ class Flight:
         return data
 
     async def changed(self) -> None:
-        """Wait for the next chunk or the end."""
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._changed)  # a reader that leaves cancels only its own wait
+        """Wait for the next chunk or the end (a reader that leaves cancels only its own
+        wait)."""
+        await self._changed.wait()
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set_result(None)
-            self._changed = None
+        self._changed.set()  # wakes every reader waiting now, in one loop iteration
+        self._changed = asyncio.Event()
 
     # -- written by the producer ---------------------------------------------------------
 
@@ -155,11 +154,18 @@ class Flight:
 class Sink(web.StreamResponse):
     """What a shared stream's relay writes to: the flight, which its readers read."""
 
-    def __init__(self, flight: Flight, state: StreamState) -> None:
-        """``state`` is the stream's own: it says at the end whether it was complete."""
+    def __init__(
+        self,
+        flight: Flight,
+        state: StreamState,
+        complete: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """``state`` is the stream's own: it says when the stream is complete. Then
+        ``complete`` gets the last bytes before the readers do (the cache stores them)."""
         super().__init__(status=200)
         self._flight = flight
         self._state = state
+        self._complete = complete
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         """The stream commits (its first token)."""
@@ -168,7 +174,13 @@ class Sink(web.StreamResponse):
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes for the readers."""
-        self._flight.push(bytes(data))
+        data = bytes(data)
+        if self._state.done:  # the last write of a complete stream
+            await self._complete(data)
+        first = not self._flight.chunks
+        self._flight.push(data)
+        if first:  # let the readers send the first token before the relay reads on
+            await asyncio.sleep(0)
 
     async def write_eof(self, data: bytes = b"") -> None:
         """The stream's end: readers finish without waiting for the upstream to drain."""

@@ -118,7 +118,7 @@ def shutdown_response(call: Call) -> web.Response:
 
 
 def shutting_down() -> GatewayError:
-    """The 503 of a request that a graceful shutdown ended before its answer began."""
+    """The error of a request that a graceful shutdown ends before its answer begins."""
     return GatewayError(
         503,
         "The gateway is shutting down; retry the request.",

@@ -224,11 +224,14 @@ def test_what_is_storable():
         bad = {**ok, "choices": [{**ok["choices"][0], **change}]}
         assert not storable("json", orjson.dumps(bad), "chat/completions"), change
     assert not storable("json", b"not json", "chat/completions")
-    unfinished = chunk("Hi", role=True) + chunk(" there") + b"data: [DONE]\n\n"
-    assert not storable("sse", unfinished, "chat/completions")
-    assert storable(
-        "sse", unfinished.replace(b"data: [DONE]", chunk(finish="stop")[:-2]), "chat/completions"
-    )
+    # A stream's completeness is its relay's to judge (the never-stored test above); its
+    # bytes say whether it was filtered or refused, not a text that mentions it.
+    done = chunk(finish="stop") + b"data: [DONE]\n\n"
+    assert storable("sse", chunk("Hi", role=True) + done, "chat/completions")
+    assert storable("sse", chunk('say "refusal": "x" or content_filter') + done, "chat/completions")
+    assert not storable("sse", chunk("Hi") + chunk(finish="content_filter"), "chat/completions")
+    refused = b'data: {"choices":[{"index":0,"delta":{"refusal": "No."}}]}\n\n'
+    assert not storable("sse", refused + done, "chat/completions")
 
 
 async def test_refresh_replaces_and_ttl_header(gateway, upstreams):
