@@ -77,6 +77,7 @@ async def _phase(
     concurrency: int,
     rounds: int,
     cap: float,
+    ours: Targets,
 ) -> dict[str, Result]:
     out: dict[str, Result] = {}
     for _ in range(rounds):
@@ -84,7 +85,7 @@ async def _phase(
             headers = {"x-gateway-cache": mode} if mode else None
             res = await measure(
                 name, url, body, n=n // rounds, concurrency=concurrency, cap=cap / rounds,
-                cpu=proc.cpu if proc is not None else None, headers=headers,
+                cpu=proc.cpu if proc is not None else None, headers=headers, ours=ours.ours,
                 warm=min(max(2 * concurrency, 50), n // rounds),
             )  # fmt: skip
             out[name] = out[name].merge(res) if name in out else res
@@ -144,14 +145,15 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> None:
             if name in got and got[name] != want:
                 raise SystemExit(f"{name}: x-gateway-cache {got[name]!r}, expected {want!r}")
 
+    ours = Targets({}, {}, procs)  # for the CPU that other processes use meanwhile
     if args.wait_quiet > 0:
-        await wait_quiet(Targets({}, {}, procs), args.wait_quiet)
+        await wait_quiet(ours, args.wait_quiet)
     n, rounds, cap = args.requests, args.rounds, args.time_cap
     r = {
-        "ns1": await _phase("non-streaming c=1", targets, BODY, n, 1, rounds, cap),
-        "ns50": await _phase("non-streaming c=50", targets, BODY, 3 * n, 50, rounds, cap),
-        "st1": await _phase("streaming c=1", targets, stream, n // 4, 1, rounds, cap),
-        "st50": await _phase("streaming c=50", targets, stream, n, 50, rounds, cap),
+        "ns1": await _phase("non-streaming c=1", targets, BODY, n, 1, rounds, cap, ours),
+        "ns50": await _phase("non-streaming c=50", targets, BODY, 3 * n, 50, rounds, cap, ours),
+        "st1": await _phase("streaming c=1", targets, stream, n // 4, 1, rounds, cap, ours),
+        "st50": await _phase("streaming c=50", targets, stream, n, 50, rounds, cap, ours),
     }
     names = list(targets)
     others = names[1:]
@@ -186,6 +188,8 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> None:
         )
     )
     print("* CPU of the gateway process; in the 'direct' column the fake upstream's own.")
+    worst = max(v.others for d in r.values() for v in d.values())
+    print(f"Other processes on this machine used at most {worst:.2f} cores during a phase.")
     if errors:
         print("ERRORS: " + "; ".join(errors))
 
