@@ -88,6 +88,26 @@ async def test_the_first_client_leaving_mid_stream_still_completes_the_others(ga
     assert hit[1]["x-gateway-cache"] == "hit" and hit[2] == up.sent[0]
 
 
+async def test_the_first_client_leaving_before_the_answer_leaves_the_call_to_the_others(
+    gateway, upstreams
+):
+    up = await upstreams("openai")
+    gate = asyncio.Event()
+    up.then(ok(gate=gate))
+    client = await gateway(up)
+    first = asyncio.create_task(fetch(client, BODY))
+    await wait_until(lambda: readers(client.app) == 1 and len(up.requests) == 1)
+    follower = asyncio.create_task(fetch(client, BODY))
+    await wait_until(lambda: readers(client.app) == 2)
+    first.cancel()  # its client hangs up while the upstream has not answered
+    await wait_until(lambda: readers(client.app) == 1)
+    gate.set()
+    status, headers, body = await follower
+    assert status == 200 and headers["x-gateway-cache"] == "coalesced"
+    assert orjson.loads(body)["choices"][0]["message"]["content"] == up.text
+    assert len(up.requests) == 1 and up.disconnects == 0
+
+
 async def test_a_failed_first_call_is_handed_to_a_follower(gateway, upstreams):
     up = await upstreams("openai")
     gate = asyncio.Event()
