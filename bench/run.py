@@ -489,14 +489,18 @@ async def measure(
     cpu: Callable[[], tuple[float, float]] | None,
     ours: Callable[[], float] | None = None,
     warm: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Result:
-    """Warm up (also opens the connections), then measure ``n`` requests."""
+    """Warm up (also opens the connections), then measure ``n`` requests (each with
+    ``headers``, if given)."""
     stream = bool(body.get("stream"))
     raw = orjson.dumps(body)
     res = Result(name, n, concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers
+    ) as session:
         warm = max(2 * concurrency, 50) if warm is None else warm
         await _drive(session, url, raw, stream, warm, concurrency, cap, None)
         gc.collect()
@@ -740,18 +744,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _start(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> Targets:
-    py = sys.executable
-    up_port = free_port()
+async def start_upstream(chunks: int, tmp: Path, procs: list[Proc]) -> tuple[str, Proc]:
+    """The fake upstream, ready: its base URL (without /v1) and its process."""
+    port = free_port()
     upstream = spawn(
         "upstream",
-        [py, str(HERE / "fake_upstream.py"), "--port", str(up_port), "--model", MODEL,
-         "--chunks", str(args.chunks)],
+        [sys.executable, str(HERE / "fake_upstream.py"), "--port", str(port), "--model", MODEL,
+         "--chunks", str(chunks)],
         tmp,
     )  # fmt: skip
     procs.append(upstream)
-    up = f"http://127.0.0.1:{up_port}"
+    up = f"http://127.0.0.1:{port}"
     await wait_ready(upstream, f"{up}/v1/models")
+    return up, upstream
+
+
+async def _start(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> Targets:
+    py = sys.executable
+    up, upstream = await start_upstream(args.chunks, tmp, procs)
     chat = "/v1/chat/completions"
     targets = Targets({"direct": up + chat}, {"direct": upstream.cpu}, procs)
 
@@ -762,7 +772,7 @@ async def _start(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> Targ
         else:
             port = free_port()
             conf = tmp / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(tmp=tmp, upstream=up_port, port=port))
+            conf.write_text(NGINX_CONF.format(tmp=tmp, upstream=up.rpartition(":")[2], port=port))
             argv = [nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
             proc = spawn("nginx", argv, tmp)
             procs.append(proc)

@@ -34,8 +34,8 @@ _STATUS_PAGE = "/status"
 _STATUS_PATHS = frozenset({_STATUS_PAGE, "/status.json", "/status/events", "/status/session"})
 SESSION_COOKIE = "gateway_status"
 
-#: The digest of the client key a request came with (set when client keys are required),
-#: for its quota (gateway.quotas).
+#: The digest of the client key a request came with (never the key), set when client keys
+#: are required: its quota (gateway.quotas) and its partition of the cache.
 CLIENT_KEY = web.RequestKey("client_key", str)
 
 

@@ -76,11 +76,20 @@ class Call:
     # and the budgets charged them that the answer's usage corrects.
     token_estimate: int = 0
     token_charges: tuple[Correctable, ...] = ()
+    cache: str = ""  # hit, miss, coalesced or bypass; "" when the cache was not asked
+    cache_source: str = ""  # on a hit: the provider that produced the stored answer
 
     @property
     def failover(self) -> bool:
         """True when the answer did not come from the first route."""
         return self.answered_by is not None and self.answered_by is not self.first_route
+
+    @property
+    def provider_name(self) -> str:
+        """Who answered, for headers, metrics and the log: ``cache`` on a cache hit."""
+        if self.cache == "hit":
+            return "cache"
+        return self.answered_by.name if self.answered_by is not None else "none"
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ The seed's environment variables keep their meaning (``OPENAI_API_KEY``,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -86,6 +87,29 @@ class ProviderConfig:
     verify_tls: bool = True
 
 
+#: How a ``[cache.models]`` rule caches a model's requests: ``deterministic`` only those
+#: with ``temperature = 0`` (and embeddings), ``always`` sampled ones too.
+CACHE_MODES = ("deterministic", "always")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The response cache and request coalescing (``[cache]``; see ``gateway.cache``)."""
+
+    enabled: bool = True  # false: the x-gateway-cache headers and [cache.models] are ignored
+    ttl: float = 3600.0  # seconds an entry lives, unless x-gateway-cache-ttl says otherwise
+    max_ttl: float = 86400.0  # the longest x-gateway-cache-ttl a client may ask for
+    max_entries: int = 10000
+    max_bytes: int = 64 * MiB
+    max_entry_bytes: int = 4 * MiB  # a larger answer is served, not stored
+    shared: bool = False  # with GATEWAY_API_KEYS: one cache for every client key
+    coalesce: bool = True  # identical requests in flight share one upstream call
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_timeout: float = 0.5  # one Redis command, connecting included
+    redis_retry: float = 1.0  # after a Redis failure, requests leave it alone this long
+    models: Mapping[str, str] = field(default_factory=dict)  # model or alias -> CACHE_MODES
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway needs to run."""
@@ -120,6 +144,7 @@ class Settings:
     backlog: int = 1024
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
     quotas: QuotaSettings = field(default_factory=QuotaSettings, repr=False)  # per client key
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def provider(self, name: str) -> ProviderConfig:
         """Return the enabled provider called ``name``."""
@@ -133,6 +158,7 @@ class Settings:
 _PROVIDER_FIELDS = {
     f.name: f.type for f in dataclasses.fields(ProviderConfig) if f.name not in ("name",)
 }
+_CACHE_FIELDS = {f.name: f.type for f in dataclasses.fields(CacheSettings) if f.name != "models"}
 _GATEWAY_FIELDS = {
     "host": "str",
     "port": "int",
@@ -307,9 +333,8 @@ def load_settings(
     env = os.environ if env is None else env
     path = env.get("GATEWAY_CONFIG")
     data = load_toml(path, config_key) if path else {}
-    _check_keys(
-        data, {"gateway": 1, "defaults": 1, "providers": 1, "aliases": 1, "clients": 1}, "config"
-    )
+    tables = ("gateway", "defaults", "providers", "aliases", "clients", "cache")
+    _check_keys(data, dict.fromkeys(tables), "config")
 
     gw_table = _table(data, "gateway")
     _check_keys(gw_table, _GATEWAY_FIELDS, "gateway")
@@ -378,7 +403,8 @@ def load_settings(
         if not isinstance(v, str) or not v:
             raise ConfigError(f"aliases.{k}", "must be a model name")
 
-    settings = Settings(providers=tuple(providers), aliases=dict(aliases), **gw)
+    cache = _cache_settings(_table(data, "cache"), env)
+    settings = Settings(providers=tuple(providers), aliases=dict(aliases), cache=cache, **gw)
     _check_gateway(settings, origin)
     return settings
 
@@ -436,6 +462,56 @@ def _check_gateway(settings: Settings, origin: Mapping[str, str]) -> None:
     for name in ("max_client_connections", "backlog"):
         if getattr(settings, name) < 1:
             raise ConfigError(key(name), "must be at least 1")
+
+
+def _cache_settings(table: Mapping[str, Any], env: Mapping[str, str]) -> CacheSettings:
+    """``[cache]``, with ``REDIS_URL`` over ``cache.redis_url``; errors name the key."""
+    models = table.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("cache.models", "must be a table")
+    for name, mode in models.items():
+        if mode not in CACHE_MODES:
+            raise ConfigError(
+                f"cache.models.{name}", f"must be one of {', '.join(CACHE_MODES)}, got {mode!r}"
+            )
+    rest = {k: v for k, v in table.items() if k != "models"}
+    _check_keys(rest, _CACHE_FIELDS, "cache")
+    values = {k: _coerce(f"cache.{k}", str(_CACHE_FIELDS[k]), v) for k, v in rest.items()}
+    origin = {k: f"cache.{k}" for k in values}
+    if "REDIS_URL" in env:
+        values["redis_url"] = env["REDIS_URL"]
+        origin["redis_url"] = "REDIS_URL"
+    values["redis_url"] = (values.get("redis_url") or "").strip() or None
+    cache = CacheSettings(models=dict(models), **values)
+
+    def key(name: str) -> str:
+        return origin.get(name, f"cache.{name}")
+
+    for name in ("ttl", "max_ttl", "redis_timeout", "redis_retry"):
+        if getattr(cache, name) <= 0:
+            raise ConfigError(key(name), "must be positive")
+    if cache.max_ttl < cache.ttl:
+        raise ConfigError(key("max_ttl"), f"must be at least ttl ({cache.ttl:g})")
+    if cache.max_entries < 1:
+        raise ConfigError(key("max_entries"), "must be at least 1")
+    if cache.max_entry_bytes < 1024:
+        raise ConfigError(key("max_entry_bytes"), "must be at least 1024")
+    if cache.max_bytes < cache.max_entry_bytes:
+        raise ConfigError(
+            key("max_bytes"), f"must be at least max_entry_bytes ({cache.max_entry_bytes})"
+        )
+    url = cache.redis_url
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            wanted = "must be a redis://, rediss:// or unix:// URL"
+            raise ConfigError(key("redis_url"), f"{wanted}, got {_shown(url)!r}")
+        if importlib.util.find_spec("redis") is None:
+            raise ConfigError(
+                key("redis_url"),
+                "needs the optional Redis client: pip install 'llm-failover-gateway[redis]'",
+            )
+    return cache
 
 
 def _access_policy(

@@ -165,6 +165,38 @@ DROPPED_EVENTS = Counter(
     "Upstream stream events dropped after commit because they were not valid JSON",
     ["provider"],
 )
+CACHE_REQUESTS = Counter(
+    "gateway_cache_requests_total",
+    "Requests that asked the cache, by result: hit, miss (went upstream), coalesced (shared "
+    "another request's upstream call), bypass (not cacheable, or x-gateway-cache: skip)",
+    ["result"],
+)
+CACHE_BYTES = Counter(
+    "gateway_cache_bytes_total",
+    "Bytes of answers stored in the cache ('stored') and replayed from it ('served')",
+    ["op"],
+)
+CACHE_EVICTIONS = Counter(
+    "gateway_cache_evictions_total",
+    "Cache entries removed to stay within max_entries and max_bytes ('size'), or found "
+    "expired ('expired')",
+    ["reason"],
+)
+CACHE_SIZE = Gauge(
+    "gateway_cache_size_bytes",
+    "Bytes the cache holds (Redis: as of this process's last write to it)",
+)
+CACHE_BACKEND_ERRORS = Counter(
+    "gateway_cache_backend_errors_total",
+    "Cache backend (Redis) operations that failed or were skipped while it was unreachable; "
+    "the request went on as a miss",
+    ["op"],
+)
+CACHE_BACKEND_UP = Gauge(
+    "gateway_cache_backend_up",
+    "1 while the cache backend answers (always 1 for the in-memory cache), else 0",
+)
+CACHE_RESULTS = ("hit", "miss", "coalesced", "bypass")
 
 FAILOVER_POSITION = Gauge(
     "gateway_failover_position",
@@ -186,3 +218,16 @@ def export_failover_order(providers: Sequence[str]) -> None:
 def model_label(model: str, known: frozenset[str]) -> str:
     """``model`` when configuration names it, else ``other`` (keeps label sets bounded)."""
     return model if model in known else "other"
+
+
+def export_cache_series() -> None:
+    """Create every cache series at zero, so that rates and ratios exist before the first
+    hit, eviction or backend error (the cache is enabled)."""
+    for result in CACHE_RESULTS:
+        CACHE_REQUESTS.labels(result)
+    for op in ("stored", "served"):
+        CACHE_BYTES.labels(op)
+    for reason in ("size", "expired"):
+        CACHE_EVICTIONS.labels(reason)
+    for op in ("get", "set"):
+        CACHE_BACKEND_ERRORS.labels(op)

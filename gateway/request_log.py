@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TextIO
 
-from gateway import metrics
+from gateway import budgets, metrics
 from gateway.call import Call
 from gateway.errors import token_count
 from gateway.logsafe import escape
@@ -82,10 +82,12 @@ def _or_dash(value: int | None) -> str:
 def finish(
     call: Call, known: frozenset[str], request_log: RequestLog, recorder: StatusRecorder
 ) -> None:
-    """Metrics, the one log line and the status page's record of a finished request."""
+    """Metrics, the budget correction, the one log line and the status page's record of a
+    finished request."""
+    if call.token_charges:
+        budgets.settle(call)  # the estimate, corrected from the answer's usage
     elapsed = time.perf_counter() - call.started
-    answered = call.answered_by
-    provider = answered.name if answered is not None else "none"
+    provider = call.provider_name
     model = metrics.model_label(call.model, known)
     stream = "true" if call.stream else "false"
     status = str(call.status or 499)
@@ -111,6 +113,8 @@ def finish(
             metrics.TOKENS.labels(provider, "completion").inc(completion)
         if prompt is not None or completion is not None:
             tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
+    if call.cache:
+        metrics.CACHE_REQUESTS.labels(call.cache).inc()
     recorder.record(call, model, elapsed)
     if not request_log.enabled:
         return
@@ -125,5 +129,13 @@ def finish(
         f"request id={call.request_id} model={escape(call.model, 100)} stream={stream} "
         f"provider={provider} status={status} outcome={result or 'none'} "
         f"attempts={len(call.records)} chain={chain} latency_ms={elapsed * 1000:.1f} "
-        f"ttft_ms={ttft} tokens={tokens}{waiting}"
+        f"ttft_ms={ttft} tokens={tokens}{waiting}{_cache_fields(call)}"
     )
+
+
+def _cache_fields(call: Call) -> str:
+    if not call.cache:
+        return ""
+    # On a hit, who produced the stored answer.
+    source = f" source={call.cache_source}" if call.cache_source else ""
+    return f" cache={call.cache}{source}"

@@ -9,6 +9,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.call import Call, Reply
 from gateway.config import Settings
+from gateway.errors import GatewayError
 
 #: The cancel message with which a graceful shutdown ends requests past their grace.
 SHUTDOWN_REASON = "gateway shutting down"
@@ -29,13 +30,15 @@ _SSE_HEADERS = {
 
 def gateway_headers(call: Call) -> dict[str, str]:
     """The ``x-gateway-*`` and ``x-request-id`` headers for ``call``'s response."""
-    provider = call.answered_by
-    return {
-        "x-gateway-provider": provider.name if provider is not None else "none",
+    headers = {
+        "x-gateway-provider": call.provider_name,
         "x-gateway-attempts": str(len(call.records)),
         "x-gateway-failover": "true" if call.failover else "false",
         "x-request-id": call.request_id,
     }
+    if call.cache:
+        headers["x-gateway-cache"] = call.cache
+    return headers
 
 
 def sse_headers(call: Call) -> dict[str, str]:
@@ -71,10 +74,22 @@ async def send_reply(
     call.result = reply.outcome.value
     headers = _passed_headers(reply.headers, settings.pass_ratelimit_headers)
     headers.update(gateway_headers(call))
-    body = reply.body
+    return await send_body(request, call, reply.status, headers, reply.body, settings)
+
+
+async def send_body(
+    request: web.Request,
+    call: Call,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    settings: Settings,
+) -> web.StreamResponse:
+    """A response with a body known in full: one write, under ``send_timeout`` when the
+    body is too large for the transport's buffers."""
     if len(body) <= _BUFFERED_BODY:
-        return web.Response(status=reply.status, body=body, headers=headers)
-    resp = web.StreamResponse(status=reply.status, headers=headers)
+        return web.Response(status=status, body=body, headers=headers)
+    resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = len(body)
     try:
         async with asyncio.timeout(settings.send_timeout):
@@ -86,3 +101,28 @@ async def send_reply(
         if request.transport is not None:
             request.transport.abort()
     return resp
+
+
+def error_response(call: Call, error: GatewayError) -> web.Response:
+    """``error`` as ``call``'s response; its status and code go to the request's log line."""
+    call.status = error.status
+    call.result = error.code or "error"
+    return error.response(gateway_headers(call))
+
+
+def shutdown_response(call: Call) -> web.Response:
+    """The 503 of a request that a graceful shutdown ended before its answer began."""
+    resp = error_response(call, shutting_down())
+    call.result = "shutdown"
+    return resp
+
+
+def shutting_down() -> GatewayError:
+    """The error of a request that a graceful shutdown ends before its answer begins."""
+    return GatewayError(
+        503,
+        "The gateway is shutting down; retry the request.",
+        type_="server_error",
+        code="shutting_down",
+        retry_after=1,
+    )

@@ -15,8 +15,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway import budgets, metrics, status
+from gateway import metrics, status
 from gateway.auth import CLIENT_KEY, SESSIONS, Sessions, auth_middleware
+from gateway.cache import Backend, Cache, MemoryBackend
+from gateway.cached import CachedAnswers
 from gateway.call import Call, Reply
 from gateway.config import Settings
 from gateway.connections import parse_error_reason
@@ -27,7 +29,13 @@ from gateway.quotas import Quotas
 from gateway.redact import Redactor
 from gateway.report import log_after_first_probes, provider_report
 from gateway.request_log import RequestLog, finish
-from gateway.respond import SHUTDOWN_REASON, gateway_headers, send_reply
+from gateway.respond import (
+    SHUTDOWN_REASON,
+    error_response,
+    send_reply,
+    shutdown_response,
+    shutting_down,
+)
 from gateway.routing import Router
 from gateway.stream import relay
 from gateway.upstream import Provider
@@ -42,6 +50,7 @@ REQUEST_LOG = web.AppKey("request_log", RequestLog)
 REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
 QUOTAS = web.AppKey("quotas", Quotas)  # per client key
+CACHED = web.AppKey("cached", CachedAnswers)  # set when [cache] is enabled
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # orjson reads up to 1024 levels but writes only 254: a body the gateway may have to
@@ -218,7 +227,7 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
                     if e.args != (SHUTDOWN_REASON,):
                         raise
                     task.uncancel()
-                    raise _shutting_down() from None
+                    raise shutting_down() from None
             except GatewayError as e:
                 metrics.REQUESTS.labels("other", "none", str(e.status), "false").inc()
                 raise
@@ -246,20 +255,24 @@ def _proxy(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamRespons
 async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
     routes = request.app[ROUTER].route(call.model)
     quotas = request.app[QUOTAS]
-    try:
-        if quotas:  # over its own quota, a client never reaches a provider
+    if quotas:  # over its own quota, a client reaches no provider, nor the cache
+        try:
             quotas.admit(request.get(CLIENT_KEY), call)
+        except GatewayError as e:
+            return error_response(call, e)
+    cached = request.app.get(CACHED)
+    if cached is not None:
+        resp = await cached.answer(request, call, routes)
+        if resp is not None:
+            return resp
+    try:
         answer = await run(call, routes)
     except GatewayError as e:
-        call.status = e.status
-        call.result = e.code or "error"
-        return e.response(gateway_headers(call))
+        return error_response(call, e)
     except asyncio.CancelledError as e:
         if e.args == (SHUTDOWN_REASON,):
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            call.status = 503
-            call.result = "shutdown"
-            return _shutting_down().response(gateway_headers(call))
+            return shutdown_response(call)
         call.result = "cancelled"
         metrics.CLIENT_DISCONNECTS.inc()
         raise
@@ -267,22 +280,10 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
         resp = await send_reply(request, call, answer, request.app[SETTINGS])
     else:
         resp = await relay(request, call, answer)
-    if call.token_charges:
-        budgets.settle(call)  # the estimate, corrected from the answer's usage
     if call.failover:
         assert call.answered_by is not None
         log.info("Using %s (failover) [%s]", call.answered_by.display_name, call.request_id)
     return resp
-
-
-def _shutting_down() -> GatewayError:
-    return GatewayError(
-        503,
-        "The gateway is shutting down; retry the request.",
-        type_="server_error",
-        code="shutting_down",
-        retry_after=1,
-    )
 
 
 async def _expect(request: web.Request) -> web.StreamResponse | None:
@@ -327,14 +328,17 @@ async def _admin_providers(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    # The cache is a helper: an unreachable Redis shows here but does not make it unready.
+    cached = request.app.get(CACHED)
+    cache = {"cache": cached.cache.health()} if cached is not None else {}
     reasons: dict[str, str] = {}
     for provider in request.app[PROVIDERS].values():
         if provider.usable():
-            return json_response({"status": "ready", "provider": provider.name})
+            return json_response({"status": "ready", "provider": provider.name, **cache})
         reasons[provider.name] = (
             f"circuit breaker open, retry in {provider.breaker.retry_in():.1f}s"
         )
-    return json_response({"status": "unavailable", "providers": reasons}, status=503)
+    return json_response({"status": "unavailable", "providers": reasons, **cache}, status=503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -395,6 +399,8 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     # Open status streams end before the server waits for its handlers to finish.
     app.on_shutdown.append(lambda app: app[status.RECORDER].close())
     status.add_routes(app)
+    if settings.cache.enabled:
+        app.cleanup_ctx.append(_cache_ctx)
     for endpoint in ("chat/completions", "completions", "embeddings"):
         app.router.add_post(f"/v1/{endpoint}", _proxy(endpoint), expect_handler=_expect)
     for path, get in (
@@ -406,6 +412,27 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     ):
         app.router.add_get(path, get, expect_handler=_expect)
     return app
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The cache's backend (Redis when configured, else memory) and its flights."""
+    settings = app[SETTINGS]
+    cfg = settings.cache
+    if cfg.redis_url is not None:
+        from gateway.cache_redis import RedisBackend  # the optional extra: only when used
+
+        backend: Backend = RedisBackend(cfg)
+    else:
+        backend = MemoryBackend(cfg.max_entries, cfg.max_bytes)
+    partitioned = bool(settings.access.client_keys) and not cfg.shared
+    cached = CachedAnswers(Cache(cfg, backend, partitioned), settings)
+    metrics.export_cache_series()
+    metrics.CACHE_BACKEND_UP.set(1)
+    app[CACHED] = cached
+    try:
+        yield
+    finally:
+        await cached.close()
 
 
 async def drain(runner: web.AppRunner, grace: float) -> None:

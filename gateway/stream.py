@@ -73,6 +73,7 @@ class StreamState:
 
     __slots__ = (
         "done",
+        "dropped",
         "failure",
         "finished",
         "output",
@@ -89,6 +90,7 @@ class StreamState:
         self.finished: set[int] = set()  # choice indexes with a finish_reason
         self.output = False  # the first output event has been seen: the stream commits
         self.done = False  # ended complete; nothing more goes to the client
+        self.dropped = False  # a malformed event was left out after commit (never cached)
         self.failure: Classified | None = None
         self.usage: dict[str, Any] | None = None
 
@@ -126,6 +128,7 @@ class StreamState:
                 # After commit a bad event is dropped so that the client's stream stays
                 # well-formed; it cannot change the outcome.
                 metrics.DROPPED_EVENTS.labels(self.provider).inc()
+                self.dropped = True
                 log.warning("dropped a malformed stream event [%s]", self.request_id)
                 continue
             if event.name == "error" or (isinstance(obj, dict) and obj.get("error") is not None):
@@ -345,14 +348,21 @@ async def hold(
 # -- the relay -----------------------------------------------------------------------
 
 
-async def relay(request: web.Request, call: Call, start: StreamStart) -> web.StreamResponse:
-    """Commit ``start`` to the client and pipe the rest of the upstream stream."""
+async def relay(
+    request: web.Request, call: Call, start: StreamStart, resp: web.StreamResponse | None = None
+) -> web.StreamResponse:
+    """Commit ``start`` to the client and pipe the rest of the upstream stream.
+
+    ``resp`` replaces the client's response: the cache's fan-out passes one that takes
+    ``prepare``, ``write`` and ``write_eof`` for every client of a shared call.
+    """
     provider = start.provider
     upstream = start.resp
     state = start.state
     call.answered_by = provider
     call.status = 200
-    resp = web.StreamResponse(status=200, headers=sse_headers(call))
+    if resp is None:
+        resp = web.StreamResponse(status=200, headers=sse_headers(call))
     outcome, detail = Outcome.CANCELLED, ""
     try:
         await resp.prepare(request)

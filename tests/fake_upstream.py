@@ -53,6 +53,7 @@ class Behaviour:
     content_type: str = "text/event-stream"
     end_delay: float = 0.0  # seconds between [DONE] and the end of the body (a later read)
     gate: asyncio.Event | None = None  # answer only once the test sets it
+    midway: asyncio.Event | None = None  # streams: after the first content chunk, wait for it
     usage: dict[str, Any] | None = None  # replaces the usage block of a plain answer
     location: str = ""  # for kind "redirect"
 
@@ -495,6 +496,9 @@ class FakeUpstream:
                     await write(chunk(piece, indexes=(b.cut_choice,), **shape))
             else:
                 await write(chunk(piece, indexes=indexes, **shape))
+            if i == 0 and b.midway is not None:
+                async with asyncio.timeout(30):  # bounded, like the gate
+                    await b.midway.wait()
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
         if b.kind == "drop":

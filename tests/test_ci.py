@@ -154,7 +154,7 @@ def test_ci_is_strict_and_lints_before_testing():
 
 def test_ci_installs_every_optional_tool():
     text = "\n".join(ci_lines())
-    for tool in ("prometheus", "openssl", "chromium"):
+    for tool in ("prometheus", "openssl", "chromium", "redis-server"):
         assert re.search(rf"apt-get install .*{tool}", text), f"CI does not install {tool}"
     assert re.search(r"pip install -e '\.\[test,e2e\]'", text)
 

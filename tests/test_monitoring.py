@@ -414,6 +414,9 @@ def _spent(reset: str) -> dict[str, str]:
     }
 
 
+CACHE_USE = {"x-gateway-cache": "use"}
+
+
 async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2: Any) -> None:
     """Failovers of every kind, plus the cases some panels need (queueing, a cut...)."""
     url = f"{base}/v1/chat/completions"
@@ -479,6 +482,11 @@ async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2:
         await resp.read()
         assert resp.status in (200, 429)
     await post(chat(), status=429, key=LIMITED_KEY)
+    # The cache: stored, then replayed (the cache panels' queries need both).
+    for _ in range(2):
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", **CACHE_USE}
+        async with session.post(url, json=chat(temperature=0), headers=headers) as resp:
+            assert resp.status == 200, await resp.read()
 
 
 @needs_prometheus
