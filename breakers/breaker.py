@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Protocol
 
 import aiobreaker
 from aiobreaker import CircuitBreakerListener, CircuitBreakerState
@@ -91,6 +92,26 @@ class Cause:
         return f"{self.kind} ({self.detail})" if self.detail else self.kind
 
 
+class Observer(Protocol):
+    """Told of the decisions a breaker takes on its own evidence (not of those applied
+    from elsewhere with the ``apply_*`` methods), so that other processes can follow."""
+
+    def opened(self, duration: float, firm: bool, cause: Cause | None) -> None:
+        """The breaker opened (or its open period grew) for ``duration`` seconds."""
+
+    def closed(self) -> None:
+        """A trial request succeeded: the breaker closed."""
+
+    def failed(self, cause: Cause | None) -> None:
+        """A request failed and was counted (probe failures travel as probe results)."""
+
+    def reset(self) -> None:
+        """A request succeeded after counted failures: the count went back to zero."""
+
+    def trial_ended(self) -> None:
+        """The half-open trial's permit was settled, whatever its verdict."""
+
+
 class ProviderBreaker:
     """One provider's breaker: admission, outcome recording and probe feedback.
 
@@ -126,6 +147,9 @@ class ProviderBreaker:
         self.cause: Cause | None = None  # why it last opened
         self._trial_since: float | None = None  # monotonic start of the trial in flight
         self._trial_timeout = trial_timeout
+        # Monotonic end of a trial that another process runs (its lease's expiry).
+        self._trial_elsewhere_until = 0.0
+        self.observer: Observer | None = None  # set when the state is shared
 
     # -- reading ---------------------------------------------------------------
 
@@ -187,7 +211,10 @@ class ProviderBreaker:
 
     def _trial_busy(self) -> bool:
         since = self._trial_since
-        return since is not None and self._clock() - since < self._trial_timeout
+        now = self._clock()
+        if since is not None and now - since < self._trial_timeout:
+            return True
+        return now < self._trial_elsewhere_until
 
     def try_acquire(self) -> Permit | None:
         """A permit to send one request, or None when the breaker refuses it."""
@@ -206,6 +233,8 @@ class ProviderBreaker:
         permit.done = True
         if permit.trial:
             self._trial_since = None
+            if self.observer is not None:
+                self.observer.trial_ended()
         return permit.epoch == self._epoch
 
     # -- outcomes of requests --------------------------------------------------
@@ -217,9 +246,14 @@ class ProviderBreaker:
         """
         if not self._settle(permit):
             return
+        observer = self.observer
+        if observer is not None and self._storage.counter:
+            observer.reset()
         self._storage.reset_counter()
         if _FROM_AIO[self._cb.current_state] is not State.CLOSED:
             self._cb.close()
+            if observer is not None:
+                observer.closed()
         for listener in self._cb.listeners:
             listener.success(self._cb)
 
@@ -234,19 +268,23 @@ class ProviderBreaker:
         """
         if permit is not None and not self._settle(permit):
             return
+        if permit is not None and self.observer is not None and open_for is None:
+            self.observer.failed(cause)
         self._fail(open_for, open_for is not None, cause)
 
-    def _fail(self, open_for: float | None, firm: bool, cause: Cause | None) -> None:
+    def _fail(
+        self, open_for: float | None, firm: bool, cause: Cause | None, local: bool = True
+    ) -> None:
         self._storage.increment_counter()
         for listener in self._cb.listeners:
             listener.failure(self._cb, None)
         state = self.state
         if open_for is not None:
-            self._open(max(open_for, self._open_until - self._clock()), firm, cause)
+            self._open(max(open_for, self._open_until - self._clock()), firm, cause, local)
         elif state is State.HALF_OPEN or (
             state is State.CLOSED and self.fail_counter >= self.fail_max
         ):
-            self._open(self.reset_timeout, False, cause)
+            self._open(self.reset_timeout, False, cause, local)
 
     def release(self, permit: Permit) -> None:
         """The request ended without a verdict on the provider (client went away, etc.)."""
@@ -269,18 +307,20 @@ class ProviderBreaker:
         """A failed probe counts as one failure; it reopens a half-open breaker.
 
         ``unreachable`` (the connection was refused: the provider is off) opens the
-        breaker at once, so traffic stops within one probe interval.
+        breaker at once, so traffic stops within one probe interval. The observer is not
+        told: a probe's result travels whole, and every process applies it alike.
         """
         if self.state is State.HALF_OPEN and self._trial_busy():
             return  # the trial request in flight will decide
         if unreachable and self.state is not State.OPEN:
-            self._fail(self.reset_timeout, False, cause)
+            self._fail(self.reset_timeout, False, cause, local=False)
         else:
-            self._fail(None, False, cause)
+            self._fail(None, False, cause, local=False)
 
-    def _open(self, duration: float, firm: bool, cause: Cause | None) -> None:
+    def _open(self, duration: float, firm: bool, cause: Cause | None, local: bool = True) -> None:
         now = self._clock()
         self._open_until = now + duration
+        self._trial_elsewhere_until = 0.0  # whoever ran it, a trial ends with an opening
         if firm:
             self._firm_until = max(self._firm_until, self._open_until)
         if cause is not None:
@@ -290,3 +330,41 @@ class ProviderBreaker:
             self._cb.open()
         else:
             self._storage.opened_at = datetime.now(UTC)
+        if local and self.observer is not None:
+            self.observer.opened(duration, firm, cause)
+
+    # -- state learned from other processes -------------------------------------
+    # What another gateway process decided, applied here without telling the observer
+    # (it came from there). Each keeps this breaker's own rules: an opening starts a new
+    # epoch, a firm period is not shortened by a good probe.
+
+    def apply_open(self, duration: float, firm: bool, cause: Cause | None) -> None:
+        """Another process opened this provider's breaker for ``duration`` seconds."""
+        if duration <= 0:
+            return
+        self._open(max(duration, self._open_until - self._clock()), firm, cause, local=False)
+
+    def apply_close(self) -> None:
+        """Another process's trial request succeeded: close, and forget the failures."""
+        self._trial_elsewhere_until = 0.0
+        self._storage.reset_counter()
+        if _FROM_AIO[self._cb.current_state] is not State.CLOSED:
+            self._cb.close()
+
+    def apply_failure(self, cause: Cause | None) -> None:
+        """A request failed in another process: it counts here too, while closed."""
+        if self.state is State.CLOSED:
+            self._fail(None, False, cause, local=False)
+
+    def apply_reset(self) -> None:
+        """A request succeeded in another process: the consecutive failures start over."""
+        if self.state is State.CLOSED:
+            self._storage.reset_counter()
+
+    def trial_elsewhere(self, seconds: float) -> None:
+        """Another process runs the half-open trial for up to ``seconds``: none here."""
+        self._trial_elsewhere_until = self._clock() + seconds
+
+    def trial_freed(self) -> None:
+        """The trial another process ran ended without a verdict: one may run here."""
+        self._trial_elsewhere_until = 0.0

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -30,6 +30,8 @@ class ProbeResult:
     error: str | None
     models: frozenset[str] | None  # None when the probe failed
     inconclusive: bool = False  # timed out while the provider was busy: not counted
+    refused: bool = False  # the connection was refused: the provider is off
+    stalled: bool = False  # timed out while requests there waited and got no byte
 
 
 class Prober:
@@ -41,6 +43,10 @@ class Prober:
     ``progress(sent)`` says requests in flight there still got bytes since the probe was sent
     is not counted (busy); one while they got none counts as a stall. ``on_result`` sees
     every result (for metrics).
+
+    Several processes watching one provider need not all probe it: ``gate`` (awaited
+    before each probe) says whether this one probes this time, ``publish`` hands each
+    result it measured to the others, and they feed theirs with :meth:`apply`.
     """
 
     def __init__(
@@ -55,6 +61,8 @@ class Prober:
         headers: Mapping[str, str] | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
         progress: Callable[[float], bool | None] | None = None,
+        gate: Callable[[], Awaitable[bool]] | None = None,
+        publish: Callable[[ProbeResult], None] | None = None,
     ) -> None:
         self.name = name
         self.url = url
@@ -67,6 +75,8 @@ class Prober:
         self._headers = dict(headers or {})
         self._on_result = on_result
         self._progress = progress
+        self._gate = gate
+        self._publish = publish
         self._task: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set once the first probe has a result
 
@@ -108,22 +118,39 @@ class Prober:
         # health (busy). A slow probe while requests wait and none gets a byte is a hung
         # server (stalled), and counts.
         progress = self._progress(sent) if timed_out and self._progress is not None else None
-        inconclusive = progress is True
-        result = ProbeResult(time.time(), time.perf_counter() - start, error, models, inconclusive)
+        result = ProbeResult(
+            time.time(),
+            time.perf_counter() - start,
+            error,
+            models,
+            inconclusive=progress is True,
+            refused=refused,
+            stalled=progress is False,
+        )
+        self.apply(result)
+        if self._publish is not None:
+            self._publish(result)
+        return result
+
+    def apply(self, result: ProbeResult, feed: bool = True) -> None:
+        """Take ``result``, measured here or by another process watching the same
+        provider: its model list, and (``feed``) its verdict for the breaker. A result
+        that is not news (told to a process that joined later) only informs."""
         self.last = result
+        error = result.error
         if error is None:
-            self.models = models
-            self.breaker.probe_succeeded()
-        elif not inconclusive:
-            if progress is False:
+            self.models = result.models
+            if feed:
+                self.breaker.probe_succeeded()
+        elif feed and not result.inconclusive:
+            if result.stalled:
                 cause = Cause(STALLED_KIND, f"{error}, and no byte from it on any request since")
             else:
-                cause = Cause("unreachable" if refused else "probe failed", error)
-            self.breaker.probe_failed(unreachable=refused, cause=cause)
+                cause = Cause("unreachable" if result.refused else "probe failed", error)
+            self.breaker.probe_failed(unreachable=result.refused, cause=cause)
         if self._on_result is not None:
             self._on_result(result)
         self.first.set()
-        return result
 
     def start(self) -> None:
         """Start polling in the background."""
@@ -141,7 +168,8 @@ class Prober:
     async def _run(self) -> None:
         while True:
             try:
-                await self.probe_once()
+                if self._gate is None or await self._gate():
+                    await self.probe_once()
             except Exception:  # a probe bug must not end probing for good
                 log.exception("probe of %s failed unexpectedly", self.name)
             await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))

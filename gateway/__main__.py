@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TextIO
 from aiohttp import web
 
 from gateway.auth import exposure_warning
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, Settings, load_settings, parse_workers
 from gateway.logsafe import SafeFormatter
 
 log = logging.getLogger("gateway")
@@ -62,14 +62,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start two simulated upstreams on loopback and route to them (no keys needed)",
     )
+    parser.add_argument(
+        "--workers",
+        help="processes serving the port, or auto for one per core (env GATEWAY_WORKERS, "
+        "default 1)",
+    )
     return parser.parse_args(argv)
 
 
-def _listen(host: str, port: int) -> list[socket.socket]:
+def _listen(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
     """Bind the listening sockets, before anything else starts (probes, demo upstreams'
     traffic), so that a taken port is reported alone and at once.
 
-    Binds every address ``host`` resolves to, as ``loop.create_server`` would.
+    Binds every address ``host`` resolves to, as ``loop.create_server`` would;
+    ``reuse_port`` lets the supervisor and its workers bind the same port.
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if not 0 < port < 65536:
@@ -89,6 +95,8 @@ def _listen(host: str, port: int) -> list[socket.socket]:
             sock = socket.socket(family, type_, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:  # the IPv4 address gets a socket of its own
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
@@ -130,6 +138,7 @@ def _address(host: str, port: int) -> str:
 async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> None:
     """Run the gateway until a stop signal arrives; request lines go straight to
     ``log_stream`` when given (see :mod:`gateway.request_log`)."""
+    from gateway import metrics, workers
     from gateway.connections import GatewayRunner
     from gateway.demo import DEMO_DEFAULTS, start_demo_upstreams
     from gateway.server import REQUEST_LOG, create_app, drain
@@ -148,10 +157,22 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
         logging.getLogger().setLevel(settings.log_level)
         host = args.host if args.host is not None else settings.host
         port = args.port if args.port is not None else settings.port
-        sockets = _listen(host, port)
+        count = parse_workers("--workers", args.workers) if args.workers else settings.workers
+        worker = workers.this_worker(count)
+        if worker is None and count > 1:
+            if args.demo:
+                raise StartupError("--demo runs in one process: leave out --workers")
+            sockets = _listen(host, port, reuse_port=True)  # held while workers come and go
+            await _supervise(args, settings, host, port, count)
+            return
+        sockets = _listen(host, port, reuse_port=worker is not None)
         _fd_headroom(2 * settings.max_client_connections + 256)
 
-        app = create_app(settings)
+        if worker is not None:
+            metrics.set_worker(worker.index)
+            if workers.restarted():
+                metrics.WORKER_RESTARTS.inc()
+        app = create_app(settings, worker=worker)
         if log_stream is not None:
             app[REQUEST_LOG].attach(log_stream)
         runner = GatewayRunner(
@@ -164,13 +185,21 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
         # After the bind (a port that cannot be had is one line, nothing else), before the
         # first connection is accepted.
         exposed = exposure_warning(host, port, settings.access)
-        if exposed:
+        if exposed and worker is None:
             log.warning("%s", exposed)
         for sock in sockets:
             await web.SockSite(runner, sock, backlog=settings.backlog).start()
         gc.freeze()  # start-up objects are long-lived: keep them out of every later collection
-        chain = ", ".join(f"{p.display_name} ({p.base_url})" for p in settings.providers)
-        log.info("gateway listening on http://%s:%d; failover order: %s", host, port, chain)
+        background: list[asyncio.Task[None]] = []
+        stop = asyncio.Event()
+        if worker is not None:
+            log.info("worker %d of %d serving (pid %d)", worker.index, worker.count, os.getpid())
+            background.append(asyncio.create_task(workers.watch_parent(stop)))
+        else:
+            chain = ", ".join(f"{p.display_name} ({p.base_url})" for p in settings.providers)
+            log.info("gateway listening on http://%s:%d; failover order: %s", host, port, chain)
+        if metrics.MULTIPROCESS:
+            background.append(asyncio.create_task(_refresh_metrics()))
         if args.demo:
             log.info("demo: watch failover live at http://%s/status", _address(host, port))
             log.info(
@@ -179,12 +208,13 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
                 ' -d \'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}\'',
                 port,
             )
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        for task in background:
+            task.cancel()
         await drain(runner, settings.shutdown_grace)
         app[REQUEST_LOG].flush()
     finally:
@@ -194,6 +224,45 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
             sock.close()  # a no-op once the sites have closed them
         for demo in demo_runners:
             await demo.cleanup()
+
+
+async def _supervise(
+    args: argparse.Namespace, settings: Settings, host: str, port: int, count: int
+) -> None:
+    """Run ``count`` workers on ``host:port`` until SIGINT or SIGTERM (gateway.workers)."""
+    from gateway.workers import Supervisor
+
+    exposed = exposure_warning(host, port, settings.access)
+    if exposed:
+        log.warning("%s", exposed)
+    argv = ["--host", host, "--port", str(port)]
+    if args.config:
+        argv += ["--config", args.config]
+    chain = ", ".join(f"{p.display_name} ({p.base_url})" for p in settings.providers)
+    shared = "Redis" if settings.shared_redis else "the supervisor's hub"
+    log.info(
+        "gateway listening on http://%s:%d with %d workers sharing provider state through "
+        "%s; failover order: %s",
+        host,
+        port,
+        count,
+        shared,
+        chain,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Supervisor(settings, count, argv).run(stop)
+
+
+async def _refresh_metrics() -> None:
+    """Write this worker's computed gauges once a second (multiprocess metrics)."""
+    from gateway import metrics
+
+    while True:
+        await asyncio.sleep(1.0)
+        metrics.refresh()
 
 
 def _event_loop(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:

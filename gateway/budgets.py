@@ -135,10 +135,21 @@ class Budget:
     """A provider's budgets for requests and tokens, configured or learned.
 
     :attr:`active` is False until either exists, so a provider without one pays nothing
-    but that check. :attr:`wake` is the queue to poke when a correction frees tokens.
+    but that check. :attr:`wake` is the queue to poke when a correction frees tokens;
+    :attr:`on_learn` is told what was learned from an answer's headers (to share it).
     """
 
-    __slots__ = ("_burst", "_cap", "_fixed", "active", "name", "requests", "tokens", "wake")
+    __slots__ = (
+        "_burst",
+        "_cap",
+        "_fixed",
+        "active",
+        "name",
+        "on_learn",
+        "requests",
+        "tokens",
+        "wake",
+    )
 
     def __init__(
         self, name: str, rpm: float, tpm: float, burst_seconds: float, reset_cap: float
@@ -152,13 +163,15 @@ class Budget:
         self._fixed = {"requests": bool(rpm), "tokens": bool(tpm)}  # set by the operator
         self.active = False
         self.wake: Callable[[], None] | None = None
+        self.on_learn: Callable[[str, Mapping[str, str]], None] | None = None
         for kind in _KINDS:
             if getattr(self, kind) is not None:
                 self._activate(kind)
 
     def _activate(self, kind: str) -> None:
         self.active = True
-        metrics.BUDGET_REMAINING.labels(self.name, kind).set_function(lambda: self.remaining(kind))
+        child = metrics.BUDGET_REMAINING.labels(self.name, kind)
+        metrics.gauge_function(child, lambda: self.remaining(kind))
 
     def remaining(self, kind: str) -> float:
         """What the ``kind`` bucket holds now (0 while held), for the gauge."""
@@ -207,14 +220,17 @@ class Budget:
             if surplus > 0 and self.wake is not None:
                 self.wake()
 
-    def learn(self, headers: Mapping[str, str]) -> None:
-        """Update the buckets from an answer's ``x-ratelimit-*`` headers.
+    def learn(self, headers: Mapping[str, str], tell: bool = True) -> None:
+        """Update the buckets from an answer's ``x-ratelimit-*`` headers (``tell``: that
+        came here, so :attr:`on_learn` hears of it).
 
         A kind is learned only from a ``remaining`` header, and a bucket is created for
         it only with a ``limit`` too (no rate can be known without one).
         """
         if _REMAINING[0] not in headers and _REMAINING[1] not in headers:
             return  # most answers: two lookups and out
+        if tell and self.on_learn is not None:
+            self.on_learn(self.name, headers)
         for kind in _KINDS:
             limit_h, remaining_h, reset_h = _HEADERS[kind]
             remaining = _count(headers.get(remaining_h))

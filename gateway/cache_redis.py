@@ -16,30 +16,18 @@ metric ``gateway_cache_backend_up`` and ``/readyz`` say when it is unreachable.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import Any
-from urllib.parse import urlsplit
-
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.cache import ENTRY_OVERHEAD, Entry
 from gateway.config import CacheSettings
-from gateway.redact import Redactor
-
-log = logging.getLogger("gateway")
+from gateway.redis_link import RedisLink
 
 PREFIX = "gwcache:{v1}:"  # the braces: one hash slot for every key
 _ENTRY = PREFIX + "e:"
 _LRU = PREFIX + "lru"  # sorted set: member = key, score = last use (ms, Redis's clock)
 _SIZES = PREFIX + "sizes"  # hash: key -> its size in bytes
 _TOTAL = PREFIX + "bytes"  # the sum of the sizes
-_POOL_SIZE = 64  # connections; a command waits up to redis_timeout for one
 
 _GET = """
 local value = redis.call('GET', KEYS[1])
@@ -92,31 +80,21 @@ class RedisBackend:
         assert url is not None
         self.max_entries = settings.max_entries
         self.max_bytes = settings.max_bytes
-        self.timeout = settings.redis_timeout
-        self.retry = settings.redis_retry
-        parts = urlsplit(url)
-        self._redact = Redactor([parts.password])
-        # Where, for the log and /readyz: never the URL, which may hold a password.
-        self.where = f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
-        pool = redis.BlockingConnectionPool.from_url(
+        self.link = RedisLink(
             url,
-            max_connections=_POOL_SIZE,
-            timeout=self.timeout,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),  # a failure is a miss at once, never a wait
+            settings.redis_timeout,
+            settings.redis_retry,
+            purpose="cache",
+            fallback="requests go upstream as misses",
+            on_up=lambda up: metrics.CACHE_BACKEND_UP.set(1 if up else 0),
+            on_error=lambda op: metrics.CACHE_BACKEND_ERRORS.labels(op).inc(),
         )
-        self._client = redis.Redis(connection_pool=pool)
-        self._get = self._client.register_script(_GET)
-        self._set = self._client.register_script(_SET)
-        self._down_until = 0.0  # loop time before which Redis is left alone
-        self.error: str | None = None  # why it is unreachable
-        self.since: float | None = None  # Unix time it became unreachable
-        metrics.CACHE_BACKEND_UP.set(1)
+        self._get = self.link.client.register_script(_GET)
+        self._set = self.link.client.register_script(_SET)
 
     async def get(self, key: str) -> Entry | None:
         """The entry under ``key``, or None (missing, expired, or Redis unreachable)."""
-        data = await self._run("get", self._get, [_ENTRY + key, _LRU], [key])
+        data = await self.link.run("get", self._get, [_ENTRY + key, _LRU], [key])
         if not isinstance(data, bytes):
             return None
         try:
@@ -132,64 +110,22 @@ class RedisBackend:
             return False
         ms = max(1, int(ttl * 1000))
         args = [key, value, ms, size, self.max_entries, self.max_bytes]
-        done = await self._run("set", self._set, [_ENTRY + key, _LRU, _SIZES, _TOTAL], args)
+        done = await self.link.run("set", self._set, [_ENTRY + key, _LRU, _SIZES, _TOTAL], args)
         if not isinstance(done, list) or len(done) != 3:
             return False
         total, evicted, expired = done
-        metrics.CACHE_SIZE.set(total)
+        if metrics.reporter():  # the total is every worker's: reported once
+            metrics.CACHE_SIZE.set(total)
         if evicted:
             metrics.CACHE_EVICTIONS.labels("size").inc(evicted)
         if expired:
             metrics.CACHE_EVICTIONS.labels("expired").inc(expired)
         return True
 
-    async def _run(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script``; None when Redis is down or does not answer in time."""
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._down_until:
-            metrics.CACHE_BACKEND_ERRORS.labels(op).inc()
-            return None
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as e:
-            self._failed(op, e, loop.time())
-            return None
-        if self.error is not None:
-            log.info("cache: Redis at %s answers again", self.where)
-            self.error = self.since = None
-            metrics.CACHE_BACKEND_UP.set(1)
-        return result
-
-    def _failed(self, op: str, e: BaseException, now: float) -> None:
-        metrics.CACHE_BACKEND_ERRORS.labels(op).inc()
-        self._down_until = now + self.retry
-        why = self._redact.text(str(e) or type(e).__name__)
-        if self.error is None:
-            log.warning(
-                "cache: Redis at %s is unreachable (%s): requests go upstream as misses; "
-                "trying again every %gs",
-                self.where,
-                why,
-                self.retry,
-            )
-            self.since = time.time()
-            metrics.CACHE_BACKEND_UP.set(0)
-        self.error = why
-
     def health(self) -> dict[str, Any]:
         """For ``/readyz``: ``ok``, or ``unreachable`` with the error and since when."""
-        if self.error is None:
-            return {"backend": self.name, "status": "ok"}
-        assert self.since is not None
-        return {
-            "backend": self.name,
-            "status": "unreachable",
-            "error": self.error,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
-        }
+        return self.link.health()
 
     async def close(self) -> None:
         """Close the connections."""
-        await self._client.aclose()
-        await self._client.connection_pool.disconnect()
+        await self.link.close()

@@ -111,6 +111,21 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SharingSettings:
+    """Provider state and limits shared through Redis (``[sharing]``; see
+    ``gateway.sharing``): on when a Redis URL is set, here or for the cache."""
+
+    enabled: bool = True  # false: each process keeps its own state, even with a Redis URL
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_timeout: float = 0.5  # one Redis command, connecting included
+    redis_retry: float = 1.0  # after a Redis failure, it is left alone this long
+
+
+#: The most worker processes ``workers`` may ask for.
+MAX_WORKERS = 256
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway needs to run."""
 
@@ -145,6 +160,13 @@ class Settings:
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
     quotas: QuotaSettings = field(default_factory=QuotaSettings, repr=False)  # per client key
     cache: CacheSettings = field(default_factory=CacheSettings)
+    sharing: SharingSettings = field(default_factory=SharingSettings)
+    workers: int = 1  # processes serving the port (SO_REUSEPORT), under one supervisor
+
+    @property
+    def shared_redis(self) -> str | None:
+        """The Redis that provider state and limits are shared through, or None."""
+        return self.sharing.redis_url if self.sharing.enabled else None
 
     def provider(self, name: str) -> ProviderConfig:
         """Return the enabled provider called ``name``."""
@@ -159,6 +181,7 @@ _PROVIDER_FIELDS = {
     f.name: f.type for f in dataclasses.fields(ProviderConfig) if f.name not in ("name",)
 }
 _CACHE_FIELDS = {f.name: f.type for f in dataclasses.fields(CacheSettings) if f.name != "models"}
+_SHARING_FIELDS = {f.name: f.type for f in dataclasses.fields(SharingSettings)}
 _GATEWAY_FIELDS = {
     "host": "str",
     "port": "int",
@@ -179,6 +202,7 @@ _GATEWAY_FIELDS = {
     "keepalive_timeout": "float",
     "max_client_connections": "int",
     "backlog": "int",
+    "workers": "workers",
     "admin_loopback_only": "bool",
     "api_keys_file": "str",
     "failover_order": "list",
@@ -247,6 +271,8 @@ def _coerce(key: str, kind: str, value: Any) -> Any:
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {given!r}")
         return float(value) if kind == "float" else int(value)
+    if kind == "workers":
+        return parse_workers(key, value)
     if kind == "bool":
         if isinstance(value, str):
             low = value.strip().lower()
@@ -270,6 +296,28 @@ def _coerce(key: str, kind: str, value: Any) -> Any:
             raise ConfigError(key, f"must be a string, got {value!r}")
         return value
     raise AssertionError(kind)  # a field type this module does not know
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_workers(key: str, value: Any) -> int:
+    """``workers``: a whole number from 1 to :data:`MAX_WORKERS`, or ``auto`` (the cores)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cores()
+    wanted = f"must be auto or a whole number from 1 to {MAX_WORKERS}, got {value!r}"
+    try:
+        count = _coerce(key, "int", value)
+    except ConfigError:
+        raise ConfigError(key, wanted) from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(key, wanted)
+    return int(count)
 
 
 def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -333,7 +381,7 @@ def load_settings(
     env = os.environ if env is None else env
     path = env.get("GATEWAY_CONFIG")
     data = load_toml(path, config_key) if path else {}
-    tables = ("gateway", "defaults", "providers", "aliases", "clients", "cache")
+    tables = ("gateway", "defaults", "providers", "aliases", "clients", "cache", "sharing")
     _check_keys(data, dict.fromkeys(tables), "config")
 
     gw_table = _table(data, "gateway")
@@ -354,6 +402,7 @@ def load_settings(
         ("GATEWAY_KEEPALIVE_TIMEOUT", "keepalive_timeout"),
         ("GATEWAY_MAX_CLIENT_CONNECTIONS", "max_client_connections"),
         ("GATEWAY_BACKLOG", "backlog"),
+        ("GATEWAY_WORKERS", "workers"),
         ("GATEWAY_ADMIN_LOOPBACK_ONLY", "admin_loopback_only"),
         ("GATEWAY_API_KEYS_FILE", "api_keys_file"),
         ("FAILOVER_ORDER", "failover_order"),
@@ -404,7 +453,10 @@ def load_settings(
             raise ConfigError(f"aliases.{k}", "must be a model name")
 
     cache = _cache_settings(_table(data, "cache"), env)
-    settings = Settings(providers=tuple(providers), aliases=dict(aliases), cache=cache, **gw)
+    sharing = _sharing_settings(_table(data, "sharing"), env, cache)
+    settings = Settings(
+        providers=tuple(providers), aliases=dict(aliases), cache=cache, sharing=sharing, **gw
+    )
     _check_gateway(settings, origin)
     return settings
 
@@ -500,18 +552,42 @@ def _cache_settings(table: Mapping[str, Any], env: Mapping[str, str]) -> CacheSe
         raise ConfigError(
             key("max_bytes"), f"must be at least max_entry_bytes ({cache.max_entry_bytes})"
         )
-    url = cache.redis_url
-    if url is not None:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            wanted = "must be a redis://, rediss:// or unix:// URL"
-            raise ConfigError(key("redis_url"), f"{wanted}, got {_shown(url)!r}")
-        if importlib.util.find_spec("redis") is None:
-            raise ConfigError(
-                key("redis_url"),
-                "needs the optional Redis client: pip install 'llm-failover-gateway[redis]'",
-            )
+    _check_redis_url(cache.redis_url, key("redis_url"))
     return cache
+
+
+def _check_redis_url(url: str | None, key: str) -> None:
+    """A Redis URL the client can use, and the client installed; errors name ``key``."""
+    if url is None:
+        return
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        wanted = "must be a redis://, rediss:// or unix:// URL"
+        raise ConfigError(key, f"{wanted}, got {_shown(url)!r}")
+    if importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            key, "needs the optional Redis client: pip install 'llm-failover-gateway[redis]'"
+        )
+
+
+def _sharing_settings(
+    table: Mapping[str, Any], env: Mapping[str, str], cache: CacheSettings
+) -> SharingSettings:
+    """``[sharing]``: its own ``redis_url``, else ``REDIS_URL`` or the cache's (one Redis
+    serves both unless told otherwise); errors name the key."""
+    _check_keys(table, _SHARING_FIELDS, "sharing")
+    values = {k: _coerce(f"sharing.{k}", str(_SHARING_FIELDS[k]), v) for k, v in table.items()}
+    origin = {k: f"sharing.{k}" for k in values}
+    if "REDIS_URL" in env:
+        values["redis_url"] = env["REDIS_URL"]
+        origin["redis_url"] = "REDIS_URL"
+    values["redis_url"] = (values.get("redis_url") or "").strip() or cache.redis_url
+    sharing = SharingSettings(**values)
+    for name in ("redis_timeout", "redis_retry"):
+        if getattr(sharing, name) <= 0:
+            raise ConfigError(origin.get(name, f"sharing.{name}"), "must be positive")
+    _check_redis_url(sharing.redis_url, origin.get("redis_url", "cache.redis_url"))
+    return sharing
 
 
 def _access_policy(

@@ -180,7 +180,7 @@ async def _try_provider(
         detail = f"model {route.model!r} is not loaded"
         _record(call, provider, Classified(Outcome.MODEL_MISSING, detail))
         return None
-    permit = provider.breaker.try_acquire()
+    permit = await provider.admit()
     if permit is None:
         _skip_open(call, provider)
         return None
@@ -240,7 +240,7 @@ async def _try_provider(
             await asyncio.sleep(delay)
             call.waited += delay
             call.backoff += delay
-            permit = provider.breaker.try_acquire()
+            permit = await provider.admit()
             if permit is None:  # opened meanwhile, or another request is the half-open trial
                 _skip_open(call, provider, delay)
                 return None

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from gateway.budgets import Budget
 
 
+def share_of(limit: int, workers: int) -> int:
+    """One worker's share of a machine's concurrency ``limit`` (0: none), at least one."""
+    return max(1, limit // workers) if limit else 0
+
+
 class Limiter:
     """Up to ``max_concurrency`` holders (0: no limit), at most ``max_queue`` waiting, and
     each admission paid from ``budget`` when it is active.

@@ -3,14 +3,30 @@
 The Grafana dashboards and alert rules query these names; a test checks that every name
 they use is defined here. Label values come from configuration (provider names,
 configured models and aliases, outcome classes); a model a client invents is ``other``.
+
+Under ``--workers`` every worker writes its metrics to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, chosen when the
+module is imported) and ``/metrics``, whichever worker answers, sums them: counters and
+histograms add up, and each gauge says how its workers' values combine (its
+``multiprocess_mode``): in-flight requests and queue depths add up, a breaker's state and
+a provider's probe are the most recent any worker saw. A gauge computed when read
+(:func:`gauge_function`) is written by each worker once a second instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+#: True when this process writes its metrics to files for other workers to read.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+#: The exposition's media type.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class _CachedChildren:
@@ -94,6 +110,7 @@ BREAKER_STATE = Gauge(
     "gateway_breaker_state",
     "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open",
     ["provider"],
+    multiprocess_mode="livemostrecent",
 )
 BREAKER_TRANSITIONS = Counter(
     "gateway_breaker_transitions_total",
@@ -104,6 +121,7 @@ PROVIDER_UP = Gauge(
     "gateway_provider_up",
     "1 when the provider's last health probe succeeded, else 0",
     ["provider"],
+    multiprocess_mode="livemostrecent",
 )
 PROBE_DURATION = Histogram(
     "gateway_probe_duration_seconds",
@@ -115,6 +133,7 @@ INFLIGHT = Gauge(
     "gateway_inflight_requests",
     "Requests currently being sent to or streamed from each provider",
     ["provider"],
+    multiprocess_mode="livesum",
 )
 QUEUE_WAIT = Histogram(
     "gateway_queue_wait_seconds",
@@ -126,6 +145,7 @@ QUEUE_DEPTH = Gauge(
     "gateway_queue_depth",
     "Requests waiting in each provider's queue, for a concurrency slot or rate budget",
     ["provider"],
+    multiprocess_mode="livesum",
 )
 BUDGET_WAIT = Histogram(
     "gateway_budget_wait_seconds",
@@ -138,6 +158,7 @@ BUDGET_REMAINING = Gauge(
     "What each provider's rate budget holds now (configured or learned), by kind: "
     "requests or tokens",
     ["provider", "kind"],
+    multiprocess_mode="livesum",  # a shared budget is reported by one worker only
 )
 CLIENT_QUOTA_REFUSALS = Counter(
     "gateway_client_quota_refusals_total",
@@ -185,6 +206,7 @@ CACHE_EVICTIONS = Counter(
 CACHE_SIZE = Gauge(
     "gateway_cache_size_bytes",
     "Bytes the cache holds (Redis: as of this process's last write to it)",
+    multiprocess_mode="livesum",  # Redis: reported by one worker only
 )
 CACHE_BACKEND_ERRORS = Counter(
     "gateway_cache_backend_errors_total",
@@ -195,6 +217,7 @@ CACHE_BACKEND_ERRORS = Counter(
 CACHE_BACKEND_UP = Gauge(
     "gateway_cache_backend_up",
     "1 while the cache backend answers (always 1 for the in-memory cache), else 0",
+    multiprocess_mode="livemin",
 )
 CACHE_RESULTS = ("hit", "miss", "coalesced", "bypass")
 
@@ -202,15 +225,82 @@ FAILOVER_POSITION = Gauge(
     "gateway_failover_position",
     "Each enabled provider's place in the failover order (1: the primary), from configuration",
     ["provider"],
+    multiprocess_mode="livemax",
+)
+SHARED_UP = Gauge(
+    "gateway_shared_state_up",
+    "1 while the shared provider state (Redis, or the workers' supervisor) answers, else 0 "
+    "(each process then decides alone); absent when nothing is shared",
+    multiprocess_mode="livemin",
+)
+SHARED_ERRORS = Counter(
+    "gateway_shared_state_errors_total",
+    "Operations on the shared provider state that failed or were skipped while it was "
+    "unreachable (the process used its own state instead)",
+    ["op"],
+)
+SHARED_MESSAGES = Counter(
+    "gateway_shared_messages_total",
+    "Provider state messages sent to other processes, received and applied from them, or "
+    "dropped (not sent while the shared state was unreachable, or unreadable)",
+    ["direction"],
+)
+WORKER_RESTARTS = Counter(
+    "gateway_worker_restarts_total",
+    "Worker processes that died and were started again by the supervisor (--workers)",
 )
 
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+# Gauges computed when read (child -> function), written once a second under workers.
+_FUNCTIONS: dict[Any, Callable[[], float]] = {}
+_reporter = True
+
+
+def set_worker(index: int) -> None:
+    """This process is worker ``index`` of several: values that every worker shares (a
+    budget or cache kept in Redis) are reported by worker 0 alone, so that they are not
+    counted once per worker."""
+    global _reporter
+    _reporter = index == 0
+
+
+def reporter() -> bool:
+    """True when this process reports the values its workers share (see set_worker)."""
+    return _reporter
+
+
+def gauge_function(child: Any, function: Callable[[], float]) -> None:
+    """Make the gauge ``child`` read ``function()``: at each scrape in one process, once a
+    second (and at each scrape of this worker) under workers."""
+    if MULTIPROCESS:
+        _FUNCTIONS[child] = function
+        child.set(function())
+    else:
+        child.set_function(function)
+
+
+def refresh() -> None:
+    """Write the gauges of :func:`gauge_function` now (workers only)."""
+    for child, function in _FUNCTIONS.items():
+        child.set(function())
+
+
+def exposition() -> bytes:
+    """The metrics in Prometheus' text format: this process's, or every worker's summed."""
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY)
+    refresh()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)
 
 
 def export_failover_order(providers: Sequence[str]) -> None:
     """Publish the failover order, so that alerts can follow whichever provider is first
     (OpenAI drops out of the chain without a key). Replaces the order set before."""
-    FAILOVER_POSITION.clear()
+    if not MULTIPROCESS:  # a worker's order is the configuration's: nothing to replace
+        FAILOVER_POSITION.clear()
     for position, name in enumerate(providers, 1):
         FAILOVER_POSITION.labels(name).set(position)
 

@@ -6,14 +6,16 @@ buffered and written once per event-loop turn: no ``logging`` record, formatter 
 lock per request (about a fifth of a plain request's CPU otherwise). Elsewhere (tests, an
 application embedding the gateway) it goes through ``logging`` like every other line. The
 format is the same either way:
-``2026-11-27 17:47:05,123 INFO gateway: request id=... model=... provider=...``; client
-strings in it are escaped, and nothing is built when INFO is off.
+``2026-11-27 17:47:05,123 INFO gateway: request id=... model=... provider=...``, ending
+with ``worker=PID`` (the process that served it, one of several under ``--workers``);
+client strings in it are escaped, and nothing is built when INFO is off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TextIO
 
@@ -25,11 +27,15 @@ from gateway.status import StatusRecorder
 
 log = logging.getLogger("gateway")
 
+#: The most bytes a write to a pipe may carry and stay whole among other processes'
+#: writes (PIPE_BUF): workers share their supervisor's output.
+_ATOMIC = 4096
+
 
 class RequestLog:
     """Writes request lines: through ``logging``, or straight to a stream once attached."""
 
-    __slots__ = ("_logger", "_pending", "_prefix", "_second", "_stream")
+    __slots__ = ("_logger", "_pending", "_prefix", "_second", "_stream", "worker")
 
     def __init__(self, logger: logging.Logger = log) -> None:
         self._logger = logger
@@ -37,6 +43,7 @@ class RequestLog:
         self._pending: list[str] = []
         self._second = -1
         self._prefix = ""
+        self.worker = f" worker={os.getpid()}"  # the line's last field
 
     def attach(self, stream: TextIO) -> None:
         """Write lines to ``stream`` directly, in the format of the root handler."""
@@ -64,15 +71,30 @@ class RequestLog:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write the buffered lines (once per loop turn, and at shutdown)."""
+        """Write the buffered lines (once per loop turn, and at shutdown), in writes of at
+        most :data:`_ATOMIC` bytes of whole lines: workers share the log's pipe, and the
+        kernel keeps such a write whole."""
         if not self._pending or self._stream is None:
             return
         lines, self._pending = self._pending, []
         try:
-            self._stream.write("".join(lines))
-            self._stream.flush()
+            chunk: list[str] = []
+            size = 0
+            for line in lines:
+                length = len(line) if line.isascii() else len(line.encode())
+                if size + length > _ATOMIC and chunk:
+                    self._write("".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += length
+            self._write("".join(chunk))
         except (OSError, ValueError):  # a closed or broken log stream: like logging, go on
             pass
+
+    def _write(self, text: str) -> None:
+        assert self._stream is not None
+        self._stream.write(text)
+        self._stream.flush()
 
 
 def _or_dash(value: int | None) -> str:
@@ -129,7 +151,7 @@ def finish(
         f"request id={call.request_id} model={escape(call.model, 100)} stream={stream} "
         f"provider={provider} status={status} outcome={result or 'none'} "
         f"attempts={len(call.records)} chain={chain} latency_ms={elapsed * 1000:.1f} "
-        f"ttft_ms={ttft} tokens={tokens}{waiting}{_cache_fields(call)}"
+        f"ttft_ms={ttft} tokens={tokens}{waiting}{_cache_fields(call)}{request_log.worker}"
     )
 
 

@@ -13,7 +13,6 @@ import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from gateway import metrics, status
 from gateway.auth import CLIENT_KEY, SESSIONS, Sessions, auth_middleware
@@ -37,6 +36,7 @@ from gateway.respond import (
     shutting_down,
 )
 from gateway.routing import Router
+from gateway.sharing import GatewaySharing, Worker, share_providers
 from gateway.stream import relay
 from gateway.upstream import Provider
 
@@ -51,6 +51,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 ACTIVE = web.AppKey("active", set[asyncio.Task[Any]])  # proxy handlers in progress
 QUOTAS = web.AppKey("quotas", Quotas)  # per client key
 CACHED = web.AppKey("cached", CachedAnswers)  # set when [cache] is enabled
+SHARING = web.AppKey("sharing", GatewaySharing)  # set when provider state is shared
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # orjson reads up to 1024 levels but writes only 254: a body the gateway may have to
@@ -328,9 +329,13 @@ async def _admin_providers(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    # The cache is a helper: an unreachable Redis shows here but does not make it unready.
+    # The cache and the shared state are helpers: an unreachable Redis shows here but does
+    # not make the gateway unready (each process then keeps its own state).
     cached = request.app.get(CACHED)
     cache = {"cache": cached.cache.health()} if cached is not None else {}
+    sharing = request.app.get(SHARING)
+    if sharing is not None:
+        cache["sharing"] = sharing.health()
     reasons: dict[str, str] = {}
     for provider in request.app[PROVIDERS].values():
         if provider.usable():
@@ -344,13 +349,14 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     for provider in request.app[PROVIDERS].values():
         provider.breaker.state  # noqa: B018 (an open breaker whose time is up turns half-open)
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
-def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
-    """The gateway application for ``settings``; ``probes=False`` skips health polling."""
+def create_app(
+    settings: Settings, *, probes: bool = True, worker: Worker | None = None
+) -> web.Application:
+    """The gateway application for ``settings``; ``probes=False`` skips health polling;
+    ``worker`` when this process is one of several workers (``--workers``)."""
     # Always: even with no keys, /admin/* is for loopback peers only.
     sessions = Sessions()  # the status page's, signed with a secret of this process
     middlewares = [_errors, auth_middleware(settings.access, sessions)]
@@ -372,12 +378,16 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         }
         recorder.providers = list(providers.values())
         app[status.RECORDER] = recorder
+        sharing = share_providers(settings, providers, worker)
         for provider in providers.values():
             await provider.start(probes=probes)
+        if sharing is not None:
+            sharing.start()
+            app[SHARING] = sharing
         app[PROVIDERS] = providers
         metrics.export_failover_order(list(providers))
         report = None
-        if probes:
+        if probes and (worker is None or worker.index == 0):  # one report per machine
             report = asyncio.create_task(log_after_first_probes(list(providers.values())))
         router = Router(
             list(providers.values()),
@@ -391,6 +401,8 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
         finally:
             if report is not None:
                 report.cancel()
+            if sharing is not None:
+                await sharing.close()
             await recorder.close()
             for provider in providers.values():
                 await provider.close()

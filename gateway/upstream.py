@@ -22,11 +22,12 @@ from gateway import metrics
 from gateway.budgets import Budget
 from gateway.config import ProviderConfig, Settings
 from gateway.errors import POLICY, BreakerEffect, Outcome
-from gateway.limits import Limiter
+from gateway.limits import Limiter, share_of
 from gateway.providers import Dialect
 from gateway.redact import Redactor
 
 if TYPE_CHECKING:
+    from breakers.shared import ProviderShare
     from gateway.status import StatusRecorder
 
 log = logging.getLogger("gateway")
@@ -137,14 +138,25 @@ class Provider:
         self.last_byte = 0.0
         # Requests with no byte back yet, not even response headers.
         self.waiting: set[asyncio.Task[Any]] = set()
+        # Under --workers each process keeps its share of the provider's limits (counted
+        # whole, across processes, when they are shared in Redis: gateway.limits_redis).
+        self.workers = settings.workers
+        share = 1 / self.workers
         self.budget = Budget(
-            config.name, config.rpm, config.tpm, config.burst_seconds, config.quota_reset_timeout
+            config.name,
+            config.rpm * share,
+            config.tpm * share,
+            config.burst_seconds,
+            config.quota_reset_timeout,
         )
-        self.limiter = Limiter(config.max_concurrency, config.max_queue, self.budget)
+        self.limiter = Limiter(
+            share_of(config.max_concurrency, self.workers), config.max_queue, self.budget
+        )
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
-        metrics.QUEUE_DEPTH.labels(self.name).set_function(lambda: self.limiter.queued)
+        metrics.gauge_function(metrics.QUEUE_DEPTH.labels(self.name), lambda: self.limiter.queued)
         self.session: aiohttp.ClientSession | None = None
         self.prober: Prober | None = None
+        self.share: ProviderShare | None = None  # set when other processes share its state
         metrics.BREAKER_STATE.labels(self.name).set(0)
 
     async def start(self, probes: bool = True) -> None:
@@ -177,6 +189,8 @@ class Provider:
             headers=self.headers,
             on_result=self._on_probe,
             progress=self.progress_since,
+            gate=self.share.probe_turn if self.share is not None else None,
+            publish=self.share.publish_probe if self.share is not None else None,
         )
         if probes:
             self.prober.start()
@@ -234,6 +248,21 @@ class Provider:
     def usable(self) -> bool:
         """True while a request could be sent now (breaker not open)."""
         return self.breaker.state is not State.OPEN
+
+    async def admit(self) -> Permit | None:
+        """The breaker's leave to send one request, or None to skip the provider.
+
+        A half-open trial is one request across every process that shares this
+        provider's state: the trial is run here only if this process gets its lease.
+        """
+        breaker = self.breaker
+        permit = breaker.try_acquire()
+        if permit is None or not permit.trial or self.share is None:
+            return permit
+        if await self.share.claim_trial() and permit.epoch == breaker.epoch:
+            return permit
+        breaker.release(permit)  # another runs the trial, or it opened meanwhile
+        return None
 
 
 class Lease:

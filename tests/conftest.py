@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -141,27 +144,87 @@ def process_env(**env: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    port: int, env: dict[str, str], *args: str
+    port: int, env: dict[str, str], *args: str, output: Path | None = None
 ) -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
     """Run ``python -m gateway`` on 127.0.0.1:``port`` until the block ends; yields its base
-    URL and the process (its output is captured in ``proc.stdout``)."""
+    URL and the process (its output is captured in ``proc.stdout``, or written to the file
+    ``output``, which the test may read while it runs)."""
+    sink = open(output, "w") if output is not None else subprocess.PIPE  # noqa: ASYNC230
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once, stopped below)
         [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port), *args],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=sink,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: a supervisor's workers with it
     )
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(base)
         yield base, proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: workers too (--workers)
+        await asyncio.to_thread(proc.wait, 10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if output is not None:
+            sink.close()  # type: ignore[union-attr]
+
+
+REDIS_SERVER = shutil.which("redis-server")
+#: Marks tests that start Debian's redis-server (skipped, with the install command, without).
+needs_redis_server = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="needs redis-server: apt-get install redis-server"
+)
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on 127.0.0.1: no persistence, killed at the end."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        """Start it (again, on the same port) and wait until it answers (bounded)."""
+        import redis.asyncio as redis  # the test extra's; only the Redis tests need it
+
+        assert REDIS_SERVER is not None
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no"]  # fmt: skip
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 (started once, killed by the fixture)
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            for _ in range(100):  # bounded: about 10 s
+                try:
+                    if await client.ping():
+                        return
+                except (redis.RedisError, OSError):
+                    await asyncio.sleep(0.1)
+            raise AssertionError("redis-server did not start")
+        finally:
+            await client.aclose()
+
+    def kill(self) -> None:
+        """Kill it at once (SIGKILL), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+async def redis_server(unused_tcp_port_factory: Any) -> AsyncIterator[RedisServer]:
+    """A started :class:`RedisServer` on a free loopback port, killed at the end."""
+    server = RedisServer(unused_tcp_port_factory())
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -6,10 +6,10 @@ dropped connections, slow first tokens. Streams come in every shape real servers
 (:data:`SHAPES`): the finish reason on the last content chunk, empty answers, output in
 fields other than ``content``, ``n > 1`` with a choice cut short, ``"error": null``, odd
 media-type case, the body's end in a later read than ``[DONE]``, legacy completions. The
-server counts TCP connections, records the bytes of every stream it sent, and notices
-when the gateway hangs up on it. With :attr:`FakeUpstream.rpm` set it enforces a rate
-limit of its own, as OpenAI does (smoothly: one second's worth at a time), and answers 429
-``rate_limit_exceeded`` past it.
+server counts TCP connections and the most requests it answered at once (``peak``),
+records the bytes of every stream it sent, and notices when the gateway hangs up on it.
+With :attr:`FakeUpstream.rpm` set it enforces a rate limit of its own, as OpenAI does
+(smoothly: one second's worth at a time), and answers 429 ``rate_limit_exceeded`` past it.
 """
 
 from __future__ import annotations
@@ -318,6 +318,8 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []  # bodies of chat/completions/embeddings
         self.headers: list[dict[str, str]] = []
         self.probes = 0
+        self.active = 0  # requests being answered now
+        self.peak = 0  # the most requests it was answering at once
         self.connections = 0
         self.disconnects = 0  # requests the client abandoned before the response ended
         self.models_status = 200
@@ -396,6 +398,14 @@ class FakeUpstream:
         )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await self._handle_counted(request)
+        finally:
+            self.active -= 1
+
+    async def _handle_counted(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         self.requests.append(body)
         self.headers.append(dict(request.headers))

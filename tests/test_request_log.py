@@ -16,7 +16,7 @@ from tests.conftest import PROVIDER_KEY, chat, gateway_process, process_env
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway: request id=(\S+) model=(\S+) "
     r"stream=(true|false) provider=(\S+) status=(\d+) outcome=(\S+) attempts=(\d+) "
-    r"chain=(\S*) latency_ms=[\d.]+ ttft_ms=(\S+) tokens=(\S+)$"
+    r"chain=(\S*) latency_ms=[\d.]+ ttft_ms=(\S+) tokens=(\S+) worker=(\d+)$"
 )
 
 
