@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,17 +139,52 @@ def process_env(**env: str) -> dict[str, str]:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LMSTUDIO_BASE_URL": "",
         "OLLAMA_BASE_URL": "",
+        # The event loop the tests' caller chose (tests/test_client_connections.py runs both).
+        "GATEWAY_EVENT_LOOP": os.environ.get("GATEWAY_EVENT_LOOP", "auto"),
     }
     return {**base, **env}
+
+
+@dataclass
+class GatewayProcess:
+    """A running ``python -m gateway``; ``log`` holds its output once it has stopped."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    output: Path | None = None  # where its output goes, when not to a pipe
+    log: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        """The gateway's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self, wait: float = 15.0) -> int:
+        """SIGTERM, then wait (bounded) for the exit code and collect the log."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(self.proc.wait, wait)
+        self._collect()
+        return code
+
+    def _collect(self) -> None:
+        if not self.log and self.proc.stdout is not None:
+            self.log = self.proc.stdout.read()
+            self.lines = self.log.splitlines()
+        elif not self.log and self.output is not None:
+            self.log = self.output.read_text()
+            self.lines = self.log.splitlines()
 
 
 @contextlib.asynccontextmanager
 async def gateway_process(
     port: int, env: dict[str, str], *args: str, output: Path | None = None
-) -> AsyncIterator[tuple[str, subprocess.Popen[str]]]:
-    """Run ``python -m gateway`` on 127.0.0.1:``port`` until the block ends; yields its base
-    URL and the process (its output is captured in ``proc.stdout``, or written to the file
-    ``output``, which the test may read while it runs)."""
+) -> AsyncIterator[GatewayProcess]:
+    """Run ``python -m gateway`` on 127.0.0.1:``port`` with exactly ``env`` (see
+    :func:`process_env`) until the block ends; killed then if it is still running, with
+    its workers (``--workers``). Its output is collected in ``log``, or written to the file
+    ``output``, which the test may read while it runs."""
     sink = open(output, "w") if output is not None else subprocess.PIPE  # noqa: ASYNC230
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once, stopped below)
         [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port), *args],
@@ -158,14 +194,15 @@ async def gateway_process(
         text=True,
         start_new_session=True,  # its own process group: a supervisor's workers with it
     )
-    base = f"http://127.0.0.1:{port}"
+    gw = GatewayProcess(proc, port, output)
     try:
-        await wait_ready(base)
-        yield base, proc
+        await wait_ready(gw.base)
+        yield gw
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group: workers too (--workers)
         await asyncio.to_thread(proc.wait, 10)
+        gw._collect()
         if proc.stdout is not None:
             proc.stdout.close()
         if output is not None:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
-from tests.conftest import wait_ready
+from tests import conftest
+from tests.conftest import GatewayProcess, process_env
 
 # How long a test waits for the gateway to close a connection, at most. The timeouts under
 # test are set far below it (0.5 s), so only a connection that is never closed reaches it.
@@ -26,64 +24,14 @@ CLOSE_WAIT = 20.0
 CHAT_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
 
 
-@dataclass
-class GatewayProcess:
-    """A running gateway process; ``log`` holds its output once it has stopped."""
-
-    proc: subprocess.Popen[str]
-    port: int
-    log: str = ""
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def base(self) -> str:
-        """The gateway's base URL."""
-        return f"http://127.0.0.1:{self.port}"
-
-    async def stop(self, wait: float = 15.0) -> int:
-        """SIGTERM, then wait (bounded) for the exit code and collect the log."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(self.proc.wait, wait)
-        self.log = self.proc.stdout.read() if self.proc.stdout else ""
-        self.lines = self.log.splitlines()
-        return code
-
-
 @asynccontextmanager
 async def gateway_process(
     port: int, upstream_url: str, **env: str
 ) -> AsyncIterator[GatewayProcess]:
     """``python -m gateway`` on 127.0.0.1:``port`` with one provider and ``env`` on top."""
-    full = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "OPENAI_BASE_URL": upstream_url,
-        "OPENAI_API_KEY": "sk-x",
-        "LMSTUDIO_BASE_URL": "",
-        "OLLAMA_BASE_URL": "",
-        "GATEWAY_EVENT_LOOP": os.environ.get("GATEWAY_EVENT_LOOP", "auto"),
-        **env,
-    }
-    proc = subprocess.Popen(  # noqa: ASYNC220 (started once; read when it stops)
-        [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    gw = GatewayProcess(proc, port)
-    try:
-        await wait_ready(gw.base)
+    full = process_env(OPENAI_BASE_URL=upstream_url, OPENAI_API_KEY="sk-x", **env)
+    async with conftest.gateway_process(port, full) as gw:
         yield gw
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            if not gw.log:
-                gw.log = proc.stdout.read()
-                gw.lines = gw.log.splitlines()
-            proc.stdout.close()
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

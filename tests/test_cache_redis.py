@@ -90,10 +90,11 @@ async def test_two_gateways_share_redis_and_survive_its_death(
     peek = redis.Redis.from_url(redis_server.url)
     timeout = aiohttp.ClientTimeout(total=10)
     async with (
-        gateway_process(ports[0], env) as (a, _),
-        gateway_process(ports[1], env) as (b, _),
+        gateway_process(ports[0], env) as gw_a,
+        gateway_process(ports[1], env) as gw_b,
         aiohttp.ClientSession(timeout=timeout) as session,
     ):
+        a, b = gw_a.base, gw_b.base
         # Shared: what one gateway stored, the other replays byte for byte.
         status, cache, first = await _post(session, a, _body(0))
         assert (status, cache) == (200, "miss")

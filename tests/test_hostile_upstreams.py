@@ -95,8 +95,9 @@ async def test_peak_rss_stays_bounded_with_hostile_upstreams(upstreams, unused_t
         (fu.bomb(), True, 2),
     ]
     answered = []
-    async with gateway_process(unused_tcp_port, env, "--config", str(config)) as (base, proc):
-        start = peak_rss_mb(proc.pid)
+    async with gateway_process(unused_tcp_port, env, "--config", str(config)) as gw:
+        base = gw.base
+        start = peak_rss_mb(gw.proc.pid)
         async with aiohttp.ClientSession() as s:
 
             async def one(stream):
@@ -107,7 +108,7 @@ async def test_peak_rss_stays_bounded_with_hostile_upstreams(upstreams, unused_t
             for behaviour, stream, n in rounds:
                 bad.default = behaviour
                 answered += await asyncio.gather(*(one(stream) for _ in range(n)))
-        peak = peak_rss_mb(proc.pid)
+        peak = peak_rss_mb(gw.proc.pid)
     assert answered == [(200, "lmstudio")] * 20
     assert len(bad.requests) == 20
     print(f"peak RSS {peak:.0f} MB (at start {start:.0f} MB)")

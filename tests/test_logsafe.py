@@ -3,12 +3,7 @@ non-printable characters are escaped (issue 11, item 8)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
-import subprocess
-import sys
 
 import aiohttp
 import orjson
@@ -16,7 +11,7 @@ import pytest
 
 from gateway.logsafe import SafeFormatter, escape
 from tests import fake_upstream as fu
-from tests.conftest import chat, wait_ready
+from tests.conftest import chat, gateway_process, process_env
 
 FORGED = "\n2026-01-01 00:00:00,000 WARNING gateway: forged"
 
@@ -71,38 +66,16 @@ async def test_gateway_process_log_has_one_line_per_request(upstreams, unused_tc
     a = await upstreams("a")
     error = {"error": {"message": "cut" + FORGED + "-by-upstream\x1b]0;owned\x07"}}
     a.then(fu.ok(), fu.sse(fu.chunk("Hi") + b"data: " + orjson.dumps(error) + b"\n\n"))
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "OPENAI_BASE_URL": a.url,
-        "OPENAI_API_KEY": "sk-x",
-        "LMSTUDIO_BASE_URL": "",
-        "OLLAMA_BASE_URL": "",
-    }
-    port = unused_tcp_port
-    proc = subprocess.Popen(  # noqa: ASYNC220 (started once; read at the end)
-        [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_ready(base)
+    env = process_env(OPENAI_BASE_URL=a.url, OPENAI_API_KEY="sk-x")
+    async with gateway_process(unused_tcp_port, env) as gw:
         async with aiohttp.ClientSession() as s:
             body = chat(model="gpt-4o-mini" + FORGED + "-by-client\x1b[2J")
-            async with s.post(f"{base}/v1/chat/completions", json=body) as r:
+            async with s.post(f"{gw.base}/v1/chat/completions", json=body) as r:
                 assert r.status == 200
-            async with s.post(f"{base}/v1/chat/completions", json=chat(stream=True)) as r:
+            async with s.post(f"{gw.base}/v1/chat/completions", json=chat(stream=True)) as r:
                 assert "stream_interrupted" in await r.text()
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 15) == 0
-        log = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
+        assert await gw.stop() == 0
+    log = gw.log
     lines = log.splitlines()
     assert not [line for line in lines if line.startswith("2026-01-01")]
     assert len([line for line in lines if "forged-by-client" in line]) == 1

@@ -6,7 +6,6 @@ import asyncio
 import io
 import logging
 import re
-import signal
 
 import aiohttp
 
@@ -39,21 +38,20 @@ async def test_an_attached_log_writes_once_per_loop_turn():
 async def test_the_process_writes_one_line_per_request(upstreams, unused_tcp_port):
     a = await upstreams("a")
     env = process_env(OPENAI_BASE_URL=a.url, OPENAI_API_KEY=PROVIDER_KEY)
-    async with gateway_process(unused_tcp_port, env) as (base, proc):
+    async with gateway_process(unused_tcp_port, env) as gw:
         async with aiohttp.ClientSession() as s:
             for stream in (False, True):
                 body = chat(stream=stream, model="gpt-4o\r\n2026-01-01\x1b[31mWARNING")
                 async with s.post(
-                    f"{base}/v1/chat/completions",
+                    f"{gw.base}/v1/chat/completions",
                     json=body,
                     headers={"x-request-id": f"rid-{stream}"},
                 ) as r:
                     assert r.status == 200
                     await r.read()
-        proc.send_signal(signal.SIGTERM)
-        out = await asyncio.to_thread(proc.communicate, timeout=20)
-    lines = [ln for ln in out[0].splitlines() if "INFO gateway: request id=" in ln]
-    assert len(lines) == 2, out[0]
+        assert await gw.stop() == 0
+    lines = [ln for ln in gw.lines if "INFO gateway: request id=" in ln]
+    assert len(lines) == 2, gw.log
     for line, stream in zip(lines, ("false", "true"), strict=True):
         m = LINE.match(line)
         assert m, line
@@ -61,7 +59,7 @@ async def test_the_process_writes_one_line_per_request(upstreams, unused_tcp_por
         assert m.group(2) == "gpt-4o\\r\\n2026-01-01\\x1b[31mWARNING"  # escaped: one line
         assert (m.group(3), m.group(4), m.group(5)) == (stream, "openai", "200")
         assert m.group(8) == "openai:ok"
-    assert "\x1b" not in out[0]
+    assert "\x1b" not in gw.log
 
 
 async def test_no_request_lines_at_warning(upstreams, unused_tcp_port):
@@ -69,11 +67,10 @@ async def test_no_request_lines_at_warning(upstreams, unused_tcp_port):
     env = process_env(
         OPENAI_BASE_URL=a.url, OPENAI_API_KEY=PROVIDER_KEY, GATEWAY_LOG_LEVEL="WARNING"
     )
-    async with gateway_process(unused_tcp_port, env) as (base, proc):
+    async with gateway_process(unused_tcp_port, env) as gw:
         async with aiohttp.ClientSession() as s:
-            async with s.post(f"{base}/v1/chat/completions", json=chat()) as r:
+            async with s.post(f"{gw.base}/v1/chat/completions", json=chat()) as r:
                 assert r.status == 200
-        proc.send_signal(signal.SIGTERM)
-        out = await asyncio.to_thread(proc.communicate, timeout=20)
-    assert "request id=" not in out[0]
+        assert await gw.stop() == 0
+    assert "request id=" not in gw.log
     assert len(a.requests) == 1

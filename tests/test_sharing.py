@@ -38,7 +38,7 @@ async def replicas(
         started = await asyncio.gather(
             *(stack.enter_async_context(gateway_process(ports(), env)) for _ in range(n))
         )
-        yield [base for base, _ in started]
+        yield [gw.base for gw in started]
 
 
 async def post(session: aiohttp.ClientSession, base: str, model: str = "gpt-4o-mini") -> Any:

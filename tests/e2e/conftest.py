@@ -598,3 +598,11 @@ async def stream_with_fault(
         except openai.APIError as e:
             error = e
     return received, finish, error
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, every end-to-end test runs in the same worker: the real
+    llama.cpp servers start once, and two of them never compete with two more."""
+    for item in items:
+        if "tests/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
