@@ -165,7 +165,8 @@ async def serve(args: argparse.Namespace, log_stream: TextIO | None = None) -> N
             sockets = _listen(host, port, reuse_port=True)  # held while workers come and go
             await _supervise(args, settings, host, port, count)
             return
-        sockets = _listen(host, port, reuse_port=worker is not None)
+        # A worker shares the port with its supervisor and the other workers.
+        sockets = _listen(host, port, reuse_port=True) if worker else _listen(host, port)
         _fd_headroom(2 * settings.max_client_connections + 256)
 
         if worker is not None:

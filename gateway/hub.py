@@ -123,7 +123,6 @@ class HubBus:
         self._sharing: Sharing | None = None
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = "not connected yet"
-        metrics.SHARED_UP.set(0)
 
     @property
     def up(self) -> bool:

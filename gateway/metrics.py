@@ -229,8 +229,8 @@ FAILOVER_POSITION = Gauge(
 )
 SHARED_UP = Gauge(
     "gateway_shared_state_up",
-    "1 while the shared provider state (Redis, or the workers' supervisor) answers, else 0 "
-    "(each process then decides alone); absent when nothing is shared",
+    "1 while the shared provider state (Redis, or the workers' supervisor) answers (always "
+    "1 for a process that shares nothing), else 0: each process then decides alone",
     multiprocess_mode="livemin",
 )
 SHARED_ERRORS = Counter(
@@ -308,6 +308,20 @@ def export_failover_order(providers: Sequence[str]) -> None:
 def model_label(model: str, known: frozenset[str]) -> str:
     """``model`` when configuration names it, else ``other`` (keeps label sets bounded)."""
     return model if model in known else "other"
+
+
+#: Operations on the shared state whose failures are counted (gateway_shared_state_errors).
+SHARED_OPS = ("claim", "send", "subscribe", "admit")
+
+
+def export_shared_series(shared: bool) -> None:
+    """Create the shared state's series at zero (so that rates exist from the start), and
+    say that a process sharing nothing has nothing unreachable."""
+    for direction in ("sent", "received", "dropped"):
+        SHARED_MESSAGES.labels(direction)
+    for op in SHARED_OPS:
+        SHARED_ERRORS.labels(op)
+    SHARED_UP.set(0 if shared else 1)  # a bus says 1 once it is up
 
 
 def export_cache_series() -> None:

@@ -175,6 +175,7 @@ def share_providers(
 
         bus = HubBus(worker.hub, f"worker-{worker.index}:{os.getpid()}")
     else:
+        metrics.export_shared_series(shared=False)
         return None
-    metrics.SHARED_UP.set(0)  # until the bus is up
+    metrics.export_shared_series(shared=True)
     return GatewaySharing(bus, providers, limits)
