@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,7 +453,7 @@ async def _one(
 
 async def _drive(
     session: aiohttp.ClientSession,
-    url: str,
+    url: str | Sequence[str],
     body: bytes,
     stream: bool,
     n: int,
@@ -461,17 +461,19 @@ async def _drive(
     cap: float,
     res: Result | None,
 ) -> None:
-    """``n`` requests from ``concurrency`` workers; none starts after ``cap`` seconds."""
+    """``n`` requests from ``concurrency`` workers; none starts after ``cap`` seconds.
+    Several URLs (replicas) take the requests in turn."""
     deadline = time.perf_counter() + cap
     todo: Iterator[int] = iter(range(n))
+    urls = [url] if isinstance(url, str) else list(url)
 
     async def worker() -> None:
-        for _ in todo:  # shared: each request is taken by exactly one worker
+        for i in todo:  # shared: each request is taken by exactly one worker
             if time.perf_counter() > deadline:
                 if res is not None:
                     res.timed_out = True
                 return
-            await _one(session, url, body, stream, res)
+            await _one(session, urls[i % len(urls)], body, stream, res)
 
     # Each request has its own client timeout, so the phase ends by cap + CLIENT_TIMEOUT.
     async with asyncio.timeout(cap + CLIENT_TIMEOUT + 5):
@@ -480,7 +482,7 @@ async def _drive(
 
 async def measure(
     name: str,
-    url: str,
+    url: str | Sequence[str],
     body: dict[str, Any],
     *,
     n: int,

@@ -212,8 +212,9 @@ class ProviderShare:
         elif kind == "free":
             breaker.trial_freed()
         elif kind == "probe":
-            if self.prober is not None:
-                self.prober.apply(_probe_result(message), feed=message.get("new") is True)
+            result = _probe_result(message)
+            if self.prober is not None:  # None: this process does not probe (tests)
+                self.prober.apply(result, feed=message.get("new") is True)
         else:
             handler = self.sharing.handlers.get(kind)
             if handler is None:

@@ -32,6 +32,7 @@ _MAX_LEASES = 10_000
 _MAX_BUFFERED = 1 << 20  # bytes waiting for one worker; past it, messages to it are dropped
 _TIMEOUT = 0.5  # a claim's answer
 _RETRY = 1.0  # seconds between attempts to reach the hub
+_LOST = -1  # a claim's answer when the hub did not give one
 
 
 class Hub:
@@ -147,10 +148,12 @@ class HubBus:
             async with asyncio.timeout(_TIMEOUT):
                 left = await future
         except TimeoutError:
-            metrics.SHARED_ERRORS.labels("claim").inc()
-            return None
+            left = _LOST
         finally:
             self._pending.pop(request_id, None)
+        if left == _LOST:  # no answer in time, or the hub went away meanwhile
+            metrics.SHARED_ERRORS.labels("claim").inc()
+            return None
         return left / 1000
 
     def release(self, key: str, token: str) -> None:
@@ -206,7 +209,8 @@ class HubBus:
                 metrics.SHARED_UP.set(0)
                 writer.close()
                 for future in self._pending.values():
-                    future.cancel()
+                    if not future.done():
+                        future.set_result(_LOST)  # not cancel(): the request goes on
             self.error = self.error or "the supervisor closed the connection"
             log.warning("workers: lost the supervisor's hub (%s); deciding alone", self.error)
             await asyncio.sleep(_RETRY)
@@ -223,7 +227,7 @@ class HubBus:
             if "id" in frame:
                 future = self._pending.get(frame["id"])
                 left = frame.get("left")
-                if future is not None and not future.done() and isinstance(left, int):
+                if future is not None and not future.done() and isinstance(left, int) and left >= 0:
                     future.set_result(left)
             elif "m" in frame:
                 applied = self._sharing.receive(frame["m"])

@@ -45,6 +45,8 @@ _ALIVE = PREFIX + "alive:"  # + replica: exists while the replica lives
 _ALIVE_MS = 5000
 _HEARTBEAT = 1.0
 _SLOT_POLL = 0.01  # seconds between two asks while a slot is held by another replica
+# Slots freed here are told to Redis with the next admission, or after this long alone.
+_RELEASE_DELAY = 0.005
 _KINDS = ("requests", "tokens")
 
 # Shared by the scripts: the time on Redis's clock, and a bucket's refill, as in
@@ -69,12 +71,17 @@ end
 """
 
 # KEYS: buckets, slots. ARGV: replica, alive prefix, max concurrency, request rate and
-# capacity, token rate and capacity, tokens, liveness (ms). The replica asking is alive.
+# capacity, token rate and capacity, tokens, liveness (ms), slots it released since it
+# last said (carried here rather than sent alone). The replica asking is alive.
 # Returns {admitted, wait, blocker, request level, token level}.
 _ADMIT = (
     _BUCKETS
     + """
 redis.call('SET', ARGV[2] .. ARGV[1], 1, 'PX', ARGV[9])
+local released = tonumber(ARGV[10])
+if released > 0 and redis.call('HINCRBY', KEYS[2], ARGV[1], -released) < 0 then
+  redis.call('HSET', KEYS[2], ARGV[1], 0)
+end
 local max = tonumber(ARGV[3])
 local used = 0
 if max > 0 then
@@ -210,8 +217,9 @@ class RedisLimits:
             was_up = up
             await asyncio.sleep(_HEARTBEAT)
 
-    async def admit(self, limiter: SharedLimiter, tokens: int) -> list[Any] | None:
-        """Ask Redis to admit one request of ``tokens`` for ``limiter``'s provider."""
+    async def admit(self, limiter: SharedLimiter, tokens: int, released: int) -> list[Any] | None:
+        """Ask Redis to admit one request of ``tokens`` for ``limiter``'s provider, telling
+        it of ``released`` slots freed here meanwhile."""
         r, t = limiter.budget.global_buckets
         args = [
             self.bus.replica,
@@ -223,11 +231,12 @@ class RedisLimits:
             t.capacity if t else 0,
             tokens,
             _ALIVE_MS,
+            released,
         ]
         return await self.link.run("admit", self._admit, list(_keys(limiter.name)), args)
 
     def slots(self, provider: str, count: int, absolute: bool = False) -> None:
-        """Release a slot (``count`` -1), or set this replica's count (``absolute``)."""
+        """Release slots (``count`` negative), or set this replica's count (``absolute``)."""
         keys = [_keys(provider)[1]]
         args = [self.bus.replica, count, "set" if absolute else "add"]
         self.bus.queue_script("release", self._slots, keys, args)
@@ -384,6 +393,7 @@ class SharedLimiter(Limiter):
         "_poked",
         "_pump",
         "_refill_at",
+        "_unsent",
         "blocked",
         "limits",
         "name",
@@ -409,6 +419,7 @@ class SharedLimiter(Limiter):
         self._line: deque[tuple[asyncio.Future[bool], int]] = deque()
         self._pump: asyncio.Task[None] | None = None
         self._poked: asyncio.Event | None = None
+        self._unsent = 0  # slots freed here that Redis has not been told of yet
 
     @property
     def queued(self) -> int:
@@ -416,10 +427,13 @@ class SharedLimiter(Limiter):
         return len(self._line) + len(self._waiters)
 
     def slot_free(self) -> bool:
-        """False when a slot held the last shared refusal back."""
+        """Whether a slot is free, as far as the last shared answer tells: without a
+        budget only a slot can hold a request back; with both, whichever held the last."""
         if not self.limits.up:
             return super().slot_free()
-        return self.blocked != "slot"
+        if not self.shared_max:
+            return True
+        return self.budget.active and self.blocked != "slot"
 
     def budget_wait(self, tokens: int) -> float:
         """Seconds until the shared budget admits again, as its last refusal said."""
@@ -466,9 +480,10 @@ class SharedLimiter(Limiter):
 
     async def _ask(self, tokens: int) -> bool | None:
         """One shared admission: True, False (held back), None (Redis unreachable)."""
-        answer = await self.limits.admit(self, tokens)
+        released, self._unsent = self._unsent, 0
+        answer = await self.limits.admit(self, tokens, released)
         if not isinstance(answer, list) or len(answer) != 5:
-            return None
+            return None  # (the releases are counted again when Redis is back: resync)
         admitted, wait, blocker, *levels = answer
         self.budget.mirror(levels)
         if admitted == 1:
@@ -523,15 +538,23 @@ class SharedLimiter(Limiter):
         if self.redis_held > 0:
             self.redis_held -= 1
             if self.shared_max:
-                self.limits.slots(self.name, -1)
+                self._unsent += 1
+                if self._unsent == 1:  # told with the next admission, or alone soon
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(_RELEASE_DELAY, self._send_releases)
         if self._line:
             self._poke()
         if self._waiters:
             self._wake()
 
+    def _send_releases(self) -> None:
+        released, self._unsent = self._unsent, 0
+        if released:
+            self.limits.slots(self.name, -released)
+
     def resync(self) -> None:
         """Redis (re)joined: every request in flight here now counts there."""
-        self.redis_held = self.in_use
+        self.redis_held, self._unsent = self.in_use, 0
         if self.shared_max:
             self.limits.slots(self.name, self.in_use, absolute=True)
 
