@@ -348,6 +348,10 @@ def _provider_report(provider: Provider) -> dict[str, Any]:
         "loaded_models": sorted(provider.loaded_models)
         if provider.loaded_models is not None
         else None,
+        # Native Ollama's /api/ps: the models in memory (the others load on first use).
+        "running_models": None
+        if prober is None or prober.running is None
+        else sorted(prober.running),
         "in_flight": provider.inflight,
         "queued": provider.limiter.queued,
         "budget": provider.budget.report(),
@@ -391,7 +395,9 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
     async def providers_ctx(app: web.Application) -> AsyncIterator[None]:
         redactor = Redactor(cfg.api_key for cfg in settings.providers)
         providers = {
-            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings, redactor)
+            cfg.name: Provider(
+                cfg, DIALECTS[cfg.dialect](cfg, settings.max_event_bytes), settings, redactor
+            )
             for cfg in settings.providers
         }
         for provider in providers.values():

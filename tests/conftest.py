@@ -30,11 +30,12 @@ MakeGateway = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 @pytest.fixture
 async def upstreams() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
-    """Factory of started fake upstreams, stopped at the end of the test."""
+    """Factory of started fake upstreams, stopped at the end of the test (``cls``: a vendor
+    fake from tests/fake_vendors.py)."""
     started: list[FakeUpstream] = []
 
-    async def make(name: str = "fake", **kw: Any) -> FakeUpstream:
-        up = FakeUpstream(name, **kw)
+    async def make(name: str = "fake", cls: type[FakeUpstream] = FakeUpstream, **kw: Any) -> Any:
+        up = cls(name, **kw)
         await up.start()
         started.append(up)
         return up
