@@ -41,7 +41,9 @@ class Prober:
     half-open and records which models are loaded. A probe that times out while
     ``progress(sent)`` says requests in flight there still got bytes since the probe was sent
     is not counted (busy); one while they got none counts as a stall. ``on_result`` sees
-    every result (for metrics).
+    every result (for metrics). ``parse`` reads the model list (OpenAI's
+    ``{"data": [{"id": ...}]}`` by default); after a good probe, ``running_url`` (native
+    Ollama's ``/api/ps``) is listed into :attr:`running`, which informs and judges nothing.
     """
 
     def __init__(

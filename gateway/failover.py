@@ -359,6 +359,7 @@ async def _send(
     # With another provider left, leave it half of the time that remains.
     share = remaining / 2 if others else remaining
     limit = min(own, share)
+    url, body, translator = out
     headers = {**provider.headers, "X-Request-Id": call.request_id}
     start = time.perf_counter()
     resp: aiohttp.ClientResponse | None = None
@@ -370,9 +371,7 @@ async def _send(
     try:
         async with asyncio.timeout(limit):
             try:
-                resp = await session.post(
-                    out.url, data=out.body, headers=headers, allow_redirects=False
-                )
+                resp = await session.post(url, data=body, headers=headers, allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
                 if isinstance(e, aiohttp.ClientConnectorError):
                     raise
@@ -380,7 +379,6 @@ async def _send(
                     return _STALE, None
                 raise
             provider.last_byte = loop.time()
-            translator = out.translator
             # x-ratelimit-* (a vendor's own, translated): slow down before a 429
             provider.budget.learn(translator.headers(resp.headers))
             if resp.status >= 300 or not call.stream:

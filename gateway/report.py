@@ -29,6 +29,9 @@ def provider_status(provider: Provider) -> tuple[bool, str]:
     if model is not None and provider.lacks_model(model):
         loaded = ", ".join(sorted(provider.loaded_models or ())) or "none"
         return True, f"reachable, but model {model!r} is not loaded (loaded: {loaded})"
+    running = prober.running if prober is not None else None
+    if model is not None and running is not None and not {model, f"{model}:latest"} & running:
+        return True, f"usable; model {model!r} is not in memory yet: the first request loads it"
     return True, "usable"
 
 

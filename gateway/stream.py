@@ -14,6 +14,12 @@ A stream is complete when every choice index that appeared has its ``finish_reas
 (``n > 1`` included); a complete stream without ``[DONE]`` gets one from the gateway.
 After ``[DONE]`` the upstream body is read to its end (briefly) so that its connection
 goes back to the pool.
+
+A vendor that speaks another API (``gateway.providers``) is read through its attempt's
+translator: a complete body becomes a ``chat.completion``, an error body OpenAI's error
+shape, each read of a stream OpenAI SSE bytes before the parser; everything here then
+judges them as it judges OpenAI's. For OpenAI-compatible upstreams the translator is the
+identity and the bytes go to the parser as they came.
 """
 
 from __future__ import annotations
@@ -323,7 +329,9 @@ async def hold(
         cls, _ = judge_body(provider, resp, body, translator)
         if cls.outcome is Outcome.OK:
             what = resp.headers.get("Content-Type", "")
-            cls = Classified(Outcome.BAD_RESPONSE, f"expected an event stream, got {what!r}")
+            cls = Classified(
+                Outcome.BAD_RESPONSE, f"expected a stream ({translator.stream_type}), got {what!r}"
+            )
         return cls, None
     limit = provider.settings.max_held_bytes
     parser = SSEParser(provider.settings.max_event_bytes)

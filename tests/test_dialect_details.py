@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import Any
 
 import openai
@@ -23,6 +24,7 @@ from gateway.sse import SSEError, SSEParser
 from tests import fake_upstream as fu
 from tests import fake_vendors as fv
 from tests.conftest import chat
+from tests.fake_upstream import wait_until
 from tests.test_dialects import TOOLS, VENDORS, attempts, post, start, vendor_gateway
 from tests.test_streaming import read_stream, text_of
 
@@ -309,6 +311,22 @@ async def test_a_model_ollama_has_not_pulled_is_missing(upstreams, aiohttp_clien
     resp = await post(client, chat(model="ollama/mistral"))  # the fake's real 404
     assert resp.headers["x-gateway-provider"] == "fallback"
     assert attempts("ollama", "model_missing") - before == 1
+
+
+async def test_a_model_not_in_memory_is_reported(upstreams, aiohttp_client, caplog):
+    fake = await start(upstreams, OLLAMA)
+    fake.running = []  # pulled, not loaded: /api/ps lists nothing
+    caplog.set_level(logging.INFO, "gateway")
+    client = await vendor_gateway(aiohttp_client, OLLAMA, fake, probes=True, probe_interval=0.05)
+    await wait_until(lambda: "provider 1/1" in caplog.text)
+    assert "model 'llama3.2' is not in memory yet: the first request loads it" in caplog.text
+    report = (await (await client.get("/admin/providers")).json())["providers"][0]
+    assert report["running_models"] == [] and report["loaded_models"] == [
+        "llama3.2:latest",
+        "qwen3:8b",
+    ]
+    resp = await post(client, chat())  # not a reason to skip it
+    assert resp.headers["x-gateway-provider"] == "ollama"
 
 
 # -- the OpenAI dialect's compatibility options ------------------------------------------------

@@ -7,7 +7,8 @@ turns of one role merged; an assistant's ``tool_calls`` become ``tool_use`` bloc
 ``tool`` message a ``tool_result`` block); images (data URLs and https URLs) become
 ``image`` blocks; ``max_completion_tokens``/``max_tokens`` (required by Anthropic: the
 provider's ``default_max_tokens`` when the client sends none), ``stop``, ``temperature``
-(capped at 1, Anthropic's top), ``top_p``, ``tools``, ``tool_choice``,
+(capped at 1, Anthropic's top), ``top_p`` (unless a temperature is set too: Anthropic's
+recent models take one of them), ``tools``, ``tool_choice``,
 ``parallel_tool_calls`` and ``user`` are carried over. ``n > 1``, ``logprobs``, a JSON
 ``response_format``, audio output and other content parts cannot be expressed: the
 provider is skipped as ``unsupported``. Other parameters (``seed``, penalties,
@@ -38,7 +39,7 @@ from gateway.providers.base import (
     BadRequest,
     Outgoing,
     Unsupported,
-    check_choices,
+    check_common,
     max_tokens,
     stop_list,
     text_of,
@@ -109,7 +110,7 @@ class AnthropicDialect:
         options = call.body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         translator = AnthropicTranslator(model, include_usage, self._max_event)
-        return Outgoing(self._url, orjson.dumps(body), translator)
+        return self._url, orjson.dumps(body), translator
 
 
 # -- the request ------------------------------------------------------------------------
@@ -117,7 +118,7 @@ class AnthropicDialect:
 
 def messages_request(body: dict[str, Any], model: str, default_max: int) -> dict[str, Any]:
     """The Messages API body for an OpenAI chat completion request ``body``."""
-    check_choices(body, "Anthropic")
+    check_common(body, "Anthropic")
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         raise Unsupported(f"response_format {fmt.get('type')!r} on Anthropic")
@@ -143,6 +144,8 @@ def messages_request(body: dict[str, Any], model: str, default_max: int) -> dict
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadRequest(f"'{key}' must be a number")
+        if key == "top_p" and "temperature" in out:
+            continue  # Anthropic's recent models refuse both: the temperature wins
         out[key] = min(max(float(value), 0.0), 1.0)  # OpenAI's temperature goes to 2
     tools = body.get("tools")
     if tools:

@@ -86,4 +86,4 @@ class AzureDialect(OpenAIDialect):
         not read by Azure, so the bytes stay untouched)."""
         url = f"{self._deployments}{quote(model, safe='')}/{call.endpoint}{self._query}"
         body = self._body(call, call.model)
-        return Outgoing(url, body, self._answers(call, _ERRORS))
+        return url, body, self._answers(call, _ERRORS)

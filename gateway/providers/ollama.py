@@ -30,7 +30,7 @@ from gateway.providers.base import (
     Outgoing,
     Unsupported,
     api_root,
-    check_choices,
+    check_common,
     max_tokens,
     stop_list,
     text_of,
@@ -96,12 +96,12 @@ class OllamaDialect:
         options = call.body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         translator = OllamaTranslator(model, include_usage, self._max_event)
-        return Outgoing(self._url, orjson.dumps(body), translator)
+        return self._url, orjson.dumps(body), translator
 
 
 def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     """The ``/api/chat`` body for an OpenAI chat completion request ``body``."""
-    check_choices(body, "Ollama")
+    check_common(body, "Ollama")
     out: dict[str, Any] = {
         "model": model,
         "messages": _messages(body["messages"]),
@@ -186,8 +186,10 @@ def _user(content: Any, where: str) -> dict[str, Any]:
             if not (header.startswith("data:") and header.endswith(";base64")):
                 raise Unsupported(f"{at}: Ollama takes images inline (base64 data URLs)")
             images.append(data)
+        elif part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
         else:
-            texts.append(text_of([part], where))
+            raise Unsupported(f"{at} of type {part.get('type')!r} on Ollama")
     entry: dict[str, Any] = {"role": "user", "content": "".join(texts)}
     if images:
         entry["images"] = images

@@ -56,7 +56,8 @@ class OpenAIDialect:
 
     def request(self, call: Call, model: str) -> Outgoing:
         """The client's bytes untouched when nothing needs to change."""
-        return Outgoing(self._urls[call.endpoint], self._body(call, model), self._answers(call))
+        translator = self._answers(call) if self._dedupe else IDENTITY
+        return self._urls[call.endpoint], self._body(call, model), translator
 
     def _body(self, call: Call, model: str) -> bytes:
         body = call.body
@@ -73,7 +74,7 @@ class OpenAIDialect:
         return orjson.dumps(new)
 
     def _answers(self, call: Call, translator: Translator = IDENTITY) -> Translator:
-        """The identity, unless a stream offering tools needs its repeats dropped."""
+        """``translator``, unless a stream offering tools needs its repeats dropped."""
         body = call.body
         if self._dedupe and call.stream and (body.get("tools") or body.get("functions")):
             return ToolCallRepeats(self._max_event, translator)
