@@ -50,6 +50,7 @@ from gateway.providers.chunks import (
     call_id,
     completion,
     error_object,
+    include_usage,
     tool_call,
     usage,
 )
@@ -107,9 +108,7 @@ class AnthropicDialect:
     def request(self, call: Call, model: str) -> Outgoing:
         """The Messages API request for ``call``."""
         body = messages_request(call.body, model, self._default_max)
-        options = call.body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        translator = AnthropicTranslator(model, include_usage, self._max_event)
+        translator = AnthropicTranslator(model, include_usage(call.body), self._max_event)
         return self._url, orjson.dumps(body), translator
 
 

@@ -41,6 +41,12 @@ def usage(prompt: Any, completion: Any, cached: Any = None) -> dict[str, Any] | 
     return out
 
 
+def include_usage(body: dict[str, Any]) -> bool:
+    """True when the client asked for OpenAI's usage-only chunk at the end of a stream."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def error_object(message: str, type_: str, code: str | None) -> dict[str, Any]:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}

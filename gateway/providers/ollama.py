@@ -41,9 +41,11 @@ from gateway.providers.chunks import (
     call_id,
     completion,
     error_object,
+    include_usage,
     tool_call,
     usage,
 )
+from gateway.providers.openai import OpenAIDialect
 
 if TYPE_CHECKING:
     from gateway.call import Call
@@ -67,12 +69,8 @@ class OllamaDialect:
         self.running_url: str | None = f"{root}/api/ps"
         self._max_event = max_event_bytes
 
-    def headers(self, api_key: str | None) -> dict[str, str]:
-        """JSON both ways; a key (for an Ollama behind a proxy) as a bearer token."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        return headers
+    # OpenAI's: JSON both ways, and a key (for an Ollama behind a proxy) as a bearer token.
+    headers = OpenAIDialect.headers
 
     @staticmethod
     def model_ids(body: bytes) -> frozenset[str] | None:
@@ -93,9 +91,7 @@ class OllamaDialect:
     def request(self, call: Call, model: str) -> Outgoing:
         """The ``/api/chat`` request for ``call``."""
         body = chat_request(call.body, model)
-        options = call.body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        translator = OllamaTranslator(model, include_usage, self._max_event)
+        translator = OllamaTranslator(model, include_usage(call.body), self._max_event)
         return self._url, orjson.dumps(body), translator
 
 
