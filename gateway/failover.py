@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import aiohttp
@@ -74,7 +75,7 @@ _CLOSED_AGAIN = Classified(Outcome.UNREACHABLE, "server closed the connection ag
 _JSON = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
 
 
-async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
+async def run(call: Call, routes: Sequence[Route[Provider]]) -> Reply | StreamStart:
     """Try ``routes`` in order; return the first answer or raise :class:`GatewayError`."""
     if routes:
         call.first_route = routes[0].provider
@@ -84,7 +85,7 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
         _settle_deferred(call)
 
 
-async def _walk(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
+async def _walk(call: Call, routes: Sequence[Route[Provider]]) -> Reply | StreamStart:
     loop = asyncio.get_running_loop()
     previous: AttemptRecord | None = None
     kept_reply: Reply | None = None  # a context_too_long answer, shown if nothing better
@@ -450,7 +451,7 @@ def _busy(record: AttemptRecord) -> bool:
     )
 
 
-def _give_up(call: Call, routes: list[Route[Provider]]) -> GatewayError:
+def _give_up(call: Call, routes: Sequence[Route[Provider]]) -> GatewayError:
     """The error for a request that no provider answered."""
     records = call.records
     outcomes = {r.outcome for r in records}
