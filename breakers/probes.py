@@ -1,4 +1,5 @@
-"""Background health probes: ``GET {base}/models`` feeding a breaker and a model list."""
+"""Background health probes: a model list (``GET {base}/models``, or what the provider's
+API lists models at) feeding a breaker and the set of models the provider serves."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class Prober:
     half-open and records which models are loaded. A probe that times out while
     ``progress(sent)`` says requests in flight there still got bytes since the probe was sent
     is not counted (busy); one while they got none counts as a stall. ``on_result`` sees
-    every result (for metrics).
+    every result (for metrics). ``parse`` reads the model list (OpenAI's
+    ``{"data": [{"id": ...}]}`` by default); after a good probe, ``running_url`` (native
+    Ollama's ``/api/ps``) is listed into :attr:`running`, which informs and judges nothing.
 
     Several processes watching one provider need not all probe it: ``gate`` (awaited
     before each probe) says whether this one probes this time, ``publish`` hands each
@@ -61,11 +64,18 @@ class Prober:
         headers: Mapping[str, str] | None = None,
         on_result: Callable[[ProbeResult], None] | None = None,
         progress: Callable[[float], bool | None] | None = None,
+        parse: Callable[[bytes], frozenset[str] | None] | None = None,
+        running_url: str | None = None,
         gate: Callable[[], Awaitable[bool]] | None = None,
         publish: Callable[[ProbeResult], None] | None = None,
     ) -> None:
         self.name = name
         self.url = url
+        self.running_url = running_url
+        # The models in memory (from running_url, native Ollama's /api/ps), after a good
+        # probe; None when unknown.
+        self.running: frozenset[str] | None = None
+        self._parse = parse or model_ids
         self.breaker = breaker
         self.interval = interval
         self.timeout = timeout
@@ -100,7 +110,7 @@ class Prober:
             elif len(body) > _MAX_BODY:
                 error = f"model list larger than {_MAX_BODY} bytes"
             else:
-                models = _model_ids(body)
+                models = self._parse(body)
                 if models is None:
                     error = "invalid model list"
         except TimeoutError:
@@ -113,6 +123,8 @@ class Prober:
             error = f"{type(e).__name__}: {e}"
         except OSError as e:
             error = f"{type(e).__name__}: {e.strerror or e}"
+        if error is None and self.running_url is not None:
+            self.running = await self._running(self.running_url)
         # Single-slot servers (llama.cpp) answer the model list only between generations:
         # a slow probe while requests there still get bytes back says nothing about its
         # health (busy). A slow probe while requests wait and none gets a byte is a hung
@@ -152,6 +164,23 @@ class Prober:
             self._on_result(result)
         self.first.set()
 
+    async def _running(self, url: str) -> frozenset[str] | None:
+        """The models in memory, or None when the list cannot be had: it informs, it does
+        not judge the provider's health."""
+        try:
+            async with self._session.get(
+                url,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.content.read(_MAX_BODY + 1)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
+        if resp.status != 200 or len(body) > _MAX_BODY:
+            return None
+        return self._parse(body)
+
     def start(self) -> None:
         """Start polling in the background."""
         if self._task is None:
@@ -182,8 +211,8 @@ def connect_failure(exc: aiohttp.ClientConnectorError) -> str:
     return f"cannot connect to {exc.host}:{exc.port}: {reason}"
 
 
-def _model_ids(body: bytes) -> frozenset[str] | None:
-    """Model ids from an OpenAI-style ``{"data": [{"id": ...}]}`` list."""
+def model_ids(body: bytes) -> frozenset[str] | None:
+    """Model ids from an OpenAI-style ``{"data": [{"id": ...}]}`` list (Anthropic's too)."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:

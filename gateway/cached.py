@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import aiohttp
@@ -77,7 +77,7 @@ class CachedAnswers:
         self.flights: dict[str, Flight] = {}  # by cache key: calls upstream now
 
     async def answer(
-        self, request: web.Request, call: Call, routes: list[Route[Provider]]
+        self, request: web.Request, call: Call, routes: Sequence[Route[Provider]]
     ) -> web.StreamResponse | None:
         """The response when the cache takes ``call``; None when it does not (nobody asked,
         or the request bypasses it: then ``call.cache`` says ``bypass``)."""
@@ -128,7 +128,7 @@ class CachedAnswers:
         return await send_body(request, call, 200, headers, body, self.settings)
 
     async def _fly(
-        self, request: web.Request, call: Call, routes: list[Route[Provider]], plan: Plan
+        self, request: web.Request, call: Call, routes: Sequence[Route[Provider]], plan: Plan
     ) -> web.StreamResponse:
         """Share the flight of an identical request, or start one; on a failure that this
         request can still escape, try again (its own deadline bounds it)."""
@@ -149,7 +149,7 @@ class CachedAnswers:
                 raise _too_late()
 
     def _start(
-        self, request: web.Request, call: Call, routes: list[Route[Provider]], plan: Plan
+        self, request: web.Request, call: Call, routes: Sequence[Route[Provider]], plan: Plan
     ) -> Flight:
         flight = Flight(plan.key, call, self.settings.cache.max_entry_bytes)
         flight.task = asyncio.create_task(self._produce(request, flight, routes, plan))
@@ -158,7 +158,7 @@ class CachedAnswers:
         return flight
 
     async def _produce(
-        self, request: web.Request, flight: Flight, routes: list[Route[Provider]], plan: Plan
+        self, request: web.Request, flight: Flight, routes: Sequence[Route[Provider]], plan: Plan
     ) -> None:
         """The upstream call. A complete answer is stored before its last byte goes to the
         readers, so that a client that repeats a request after its answer ended gets a hit,

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import Classified, Outcome
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import aiohttp
     from multidict import CIMultiDictProxy
 
@@ -114,3 +116,6 @@ class StreamStart:
     parser: SSEParser
     state: StreamState  # has judged every event read so far
     held: list[bytes]  # what the client gets at commit: every event up to the end of the read
+    # A vendor's stream translator (gateway.providers): each read goes through it before
+    # the parser; None for OpenAI's SSE, whose bytes pass as they came.
+    feed: Callable[[bytes, bool], bytes] | None = None

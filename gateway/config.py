@@ -59,10 +59,18 @@ class ProviderConfig:
 
     name: str
     display_name: str
-    base_url: str  # always ends in /v1
+    base_url: str  # ends in /v1 for the openai and anthropic dialects (see normalize_base_url)
     api_key: str | None = field(default=None, repr=False)
     model: str | None = None  # upstream model; None passes the client's model through
-    dialect: str = "openai"
+    dialect: str = "openai"  # a key of gateway.providers.DIALECTS
+    # Per dialect (gateway/providers/): anthropic's anthropic-version or azure's api-version
+    # (None: the dialect's default); the max_tokens Anthropic requires when the client sends
+    # none; and the openai dialect's compatibility options for local servers (on by default
+    # for lmstudio and ollama when loaded from configuration).
+    api_version: str | None = None
+    default_max_tokens: int = 4096
+    map_max_completion_tokens: bool = False
+    dedupe_tool_call_names: bool = False
     connect_timeout: float = 5.0
     first_token_timeout: float = 30.0
     idle_timeout: float = 30.0
@@ -207,6 +215,16 @@ _GATEWAY_FIELDS = {
     "api_keys_file": "str",
     "failover_order": "list",
 }
+# Provider keys that only some dialects read: set for another, they are a mistake.
+_DIALECT_KEYS = {
+    "api_version": ("anthropic", "azure"),
+    "default_max_tokens": ("anthropic",),
+    "map_max_completion_tokens": ("openai", "azure"),
+    "dedupe_tool_call_names": ("openai", "azure"),
+}
+_COMPAT_KEYS = ("map_max_completion_tokens", "dedupe_tool_call_names")
+# Built-in providers that are local servers: the compatibility options default to on.
+_LOCAL_SERVERS = ("lmstudio", "ollama")
 _CLIENT_FIELDS = {"default_rpm": "float", "default_tpm": "float"}
 # A client's name in a keys-file line: it becomes a metric label.
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -224,8 +242,10 @@ def _shown(url: str) -> str:
     return f"{scheme}{sep}{authority}{slash}{path}"
 
 
-def normalize_base_url(url: str, key: str) -> str:
-    """Return ``url`` with a trailing ``/v1`` and no trailing slash.
+def normalize_base_url(url: str, key: str, suffix: str = "/v1") -> str:
+    """Return ``url`` ending in ``suffix`` (a dialect's API path: ``/v1`` for OpenAI's and
+    Anthropic's), without a trailing slash; with no ``suffix``, without a trailing ``/v1``
+    (native Ollama's and Azure's paths start at the server's root).
 
     Credentials in the URL (``http://user:pass@host``) are refused rather than supported:
     the password would show wherever the URL does (``/admin/providers``, logs), and aiohttp
@@ -243,8 +263,10 @@ def normalize_base_url(url: str, key: str) -> str:
         )
     if parts.query or parts.fragment:
         raise ConfigError(key, f"must not have a query string or fragment ({_shown(url)!r})")
-    if not url.endswith("/v1"):
-        url += "/v1"
+    if not suffix:
+        return url.removesuffix("/v1")
+    if not url.endswith(suffix):
+        url += suffix
     return url
 
 
@@ -704,15 +726,25 @@ def _build_provider(
         raise ConfigError(f"{prefix}.base_url", "is required for an extra provider")
     if not values["base_url"].strip():
         return None
-    values["base_url"] = normalize_base_url(values["base_url"], base_key)
+    dialect = values.setdefault("dialect", "openai")
+    if dialect not in DIALECTS:
+        raise ConfigError(key("dialect"), f"unknown dialect (known: {', '.join(DIALECTS)})")
+    for k in own:
+        allowed = _DIALECT_KEYS.get(k, (dialect,))
+        if dialect not in allowed:
+            raise ConfigError(
+                key(k), f"applies to the {' and '.join(allowed)} dialect, not {dialect!r}"
+            )
+    for k in _COMPAT_KEYS:  # local servers differ from OpenAI: on unless turned off
+        values.setdefault(k, dialect == "openai" and name in _LOCAL_SERVERS)
+    suffix = getattr(DIALECTS[dialect], "base_path", "/v1")
+    values["base_url"] = normalize_base_url(values["base_url"], base_key, suffix)
     values["api_key"] = values.get("api_key") or None
     values["model"] = values.get("model") or None
     if name == "openai" and values["api_key"] is None and "api.openai.com" in values["base_url"]:
         # The hosted API rejects every keyless call; better skipped than probed into a 401.
         return None
 
-    if values.get("dialect", "openai") not in DIALECTS:
-        raise ConfigError(key("dialect"), f"unknown dialect (known: {', '.join(DIALECTS)})")
     # probe_timeout too: aiohttp and asyncio read a timeout of 0 as "no timeout at all".
     for k in (
         "connect_timeout",
@@ -726,7 +758,7 @@ def _build_provider(
     ):
         if values.get(k, 1) <= 0:
             raise ConfigError(key(k), "must be positive")
-    for k in ("fail_max", "max_connections"):
+    for k in ("fail_max", "max_connections", "default_max_tokens"):
         if values.get(k, 1) < 1:
             raise ConfigError(key(k), "must be at least 1")
     return ProviderConfig(name=name, **values)

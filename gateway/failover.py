@@ -14,9 +14,11 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from breakers import STALLED_KIND, Cause
 from gateway import budgets, metrics
@@ -29,9 +31,11 @@ from gateway.errors import (
     Outcome,
     clamp_seconds,
     classify_exception,
+    error_body,
     error_shape,
     request_fault,
 )
+from gateway.providers.base import BadRequest, Outgoing, Unsupported
 from gateway.routing import Route
 from gateway.stream import hold, read_answer
 from gateway.upstream import REUSED, STALLED, Lease, Provider
@@ -68,9 +72,10 @@ _ALL_FAILED = (503, "server_error", "all_providers_failed", "No provider could a
 _STALE = Classified(Outcome.STALE_CONNECTION, "pooled connection closed by the server; resent")
 _STALE_WITHIN = 1.0
 _CLOSED_AGAIN = Classified(Outcome.UNREACHABLE, "server closed the connection again")
+_JSON = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
 
 
-async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
+async def run(call: Call, routes: Sequence[Route[Provider]]) -> Reply | StreamStart:
     """Try ``routes`` in order; return the first answer or raise :class:`GatewayError`."""
     if routes:
         call.first_route = routes[0].provider
@@ -80,7 +85,7 @@ async def run(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
         _settle_deferred(call)
 
 
-async def _walk(call: Call, routes: list[Route[Provider]]) -> Reply | StreamStart:
+async def _walk(call: Call, routes: Sequence[Route[Provider]]) -> Reply | StreamStart:
     loop = asyncio.get_running_loop()
     previous: AttemptRecord | None = None
     kept_reply: Reply | None = None  # a context_too_long answer, shown if nothing better
@@ -187,15 +192,23 @@ async def _try_provider(
     lease = Lease(provider, permit)
     handed_over = False
     try:  # from here on, every path gives the permit back (a trial above all)
+        # Encoded once: retries and a stale-connection resend send the same bytes.
+        try:
+            out = provider.dialect.request(call, route.model)
+        except Unsupported as e:  # the dialect cannot say it: another provider may
+            _record(call, provider, Classified(Outcome.UNSUPPORTED, str(e)))
+            return None
+        except BadRequest as e:  # what the upstream would have said: the client's 400
+            cls = Classified(Outcome.CLIENT_ERROR, str(e), 400)
+            _record(call, provider, cls)
+            return Reply(provider, cls.outcome, 400, _JSON, error_body(str(e)))
         if not await _take_slot(call, lease):
             return None
-        # Encoded once: retries and a stale-connection resend send the same bytes.
-        data = provider.dialect.request_body(call.body, call.raw, route.model)
         tries = 0
         wait = 0.0
         stale_resent = False
         while True:
-            cls, answer = await _send(call, provider, data, lease, others)
+            cls, answer = await _send(call, provider, out, lease, others)
             if cls is _STALE:
                 if not stale_resent:
                     stale_resent = True
@@ -334,7 +347,7 @@ def _open_for(cls: Classified, provider: Provider) -> float | None:
 
 
 async def _send(
-    call: Call, provider: Provider, data: bytes, lease: Lease, others: bool
+    call: Call, provider: Provider, out: Outgoing, lease: Lease, others: bool
 ) -> tuple[Classified, Reply | StreamStart | None]:
     """One request to one provider, up to a complete body or a stream's first token."""
     cfg = provider.config
@@ -347,7 +360,7 @@ async def _send(
     # With another provider left, leave it half of the time that remains.
     share = remaining / 2 if others else remaining
     limit = min(own, share)
-    url = provider.dialect.url(cfg.base_url, call.endpoint)
+    url, body, translator = out
     headers = {**provider.headers, "X-Request-Id": call.request_id}
     start = time.perf_counter()
     resp: aiohttp.ClientResponse | None = None
@@ -359,7 +372,7 @@ async def _send(
     try:
         async with asyncio.timeout(limit):
             try:
-                resp = await session.post(url, data=data, headers=headers, allow_redirects=False)
+                resp = await session.post(url, data=body, headers=headers, allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
                 if isinstance(e, aiohttp.ClientConnectorError):
                     raise
@@ -368,10 +381,11 @@ async def _send(
                 raise
             provider.last_byte = loop.time()
             provider.waiting.discard(task)  # bytes came back: not hung, whatever follows
-            provider.budget.learn(resp.headers)  # x-ratelimit-*: slow down before a 429
+            # x-ratelimit-* (a vendor's own, translated): slow down before a 429
+            provider.budget.learn(translator.headers(resp.headers))
             if resp.status >= 300 or not call.stream:
-                return await read_answer(provider, resp)
-            cls, start_ = await hold(lease, resp, call.request_id)
+                return await read_answer(provider, resp, translator)
+            cls, start_ = await hold(lease, resp, call.request_id, translator)
             handed_over = start_ is not None
             return cls, start_
     except TimeoutError as e:
@@ -437,7 +451,7 @@ def _busy(record: AttemptRecord) -> bool:
     )
 
 
-def _give_up(call: Call, routes: list[Route[Provider]]) -> GatewayError:
+def _give_up(call: Call, routes: Sequence[Route[Provider]]) -> GatewayError:
     """The error for a request that no provider answered."""
     records = call.records
     outcomes = {r.outcome for r in records}

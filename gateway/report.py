@@ -32,6 +32,9 @@ def provider_status(provider: Provider) -> tuple[bool, str]:
     if model is not None and provider.lacks_model(model):
         loaded = ", ".join(sorted(provider.loaded_models or ())) or "none"
         return True, f"reachable, but model {model!r} is not loaded (loaded: {loaded})"
+    running = prober.running if prober is not None else None
+    if model is not None and running is not None and not {model, f"{model}:latest"} & running:
+        return True, f"usable; model {model!r} is not in memory yet: the first request loads it"
     return True, "usable"
 
 
@@ -62,6 +65,10 @@ def provider_report(provider: Provider) -> dict[str, Any]:
         "loaded_models": sorted(provider.loaded_models)
         if provider.loaded_models is not None
         else None,
+        # Native Ollama's /api/ps: the models in memory (the others load on first use).
+        "running_models": None
+        if prober is None or prober.running is None
+        else sorted(prober.running),
         "in_flight": provider.inflight,
         "queued": provider.limiter.queued,
         "budget": provider.budget.report(),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 P = TypeVar("P")  # anything with a ``name``
+_CACHED_NAMES = 1024  # model names whose routes are kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +39,23 @@ class Router(Generic[P]):
         self._names = {self._name(p): p for p in providers}
         self._models = dict(models)
         self._aliases = dict(aliases)
+        self._cache: dict[str, tuple[Route[P], ...]] = {}
 
     @staticmethod
     def _name(provider: P) -> str:
         return provider.name  # type: ignore[attr-defined, no-any-return]
 
-    def route(self, model: str) -> list[Route[P]]:
-        """The ordered attempts for ``model``."""
+    def route(self, model: str) -> tuple[Route[P], ...]:
+        """The ordered attempts for ``model`` (made once per model name: configuration
+        does not change while the gateway runs)."""
+        routes = self._cache.get(model)
+        if routes is None:
+            if len(self._cache) >= _CACHED_NAMES:  # names are the clients' to invent
+                self._cache.clear()
+            routes = self._cache[model] = self._route(model)
+        return routes
+
+    def _route(self, model: str) -> tuple[Route[P], ...]:
         model = self._aliases.get(model, model)
         pinned: P | None = None
         prefix, sep, rest = model.partition("/")
@@ -58,7 +69,7 @@ class Router(Generic[P]):
             if p is pinned:
                 continue
             routes.append(Route(p, self._models[self._name(p)] or model))
-        return routes
+        return tuple(routes)
 
     def known_models(self) -> frozenset[str]:
         """Names that configuration mentions (for bounded metric labels)."""

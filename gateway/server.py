@@ -373,7 +373,13 @@ def create_app(
             [cfg.name for cfg in settings.providers], send_timeout=settings.send_timeout
         )
         providers = {
-            cfg.name: Provider(cfg, DIALECTS[cfg.dialect], settings, redactor, recorder)
+            cfg.name: Provider(
+                cfg,
+                DIALECTS[cfg.dialect](cfg, settings.max_event_bytes),
+                settings,
+                redactor,
+                recorder,
+            )
             for cfg in settings.providers
         }
         recorder.providers = list(providers.values())

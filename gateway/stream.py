@@ -14,6 +14,12 @@ A stream is complete when every choice index that appeared has its ``finish_reas
 (``n > 1`` included); a complete stream without ``[DONE]`` gets one from the gateway.
 After ``[DONE]`` the upstream body is read to its end (briefly) so that its connection
 goes back to the pool.
+
+A vendor that speaks another API (``gateway.providers``) is read through its attempt's
+translator: a complete body becomes a ``chat.completion``, an error body OpenAI's error
+shape, each read of a stream OpenAI SSE bytes before the parser; everything here then
+judges them as it judges OpenAI's. For OpenAI-compatible upstreams the translator is the
+identity and the bytes go to the parser as they came.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from gateway.errors import (
     classify_exception,
     classify_response,
 )
+from gateway.providers.base import BadAnswer, Translator
 from gateway.respond import SHUTDOWN_REASON, sse_headers
 from gateway.sse import DONE, DONE_EVENT, Event, SSEError, SSEParser, error_event
 from gateway.upstream import Lease, Provider
@@ -265,32 +272,39 @@ async def read_body(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool
 
 
 async def read_answer(
-    provider: Provider, resp: aiohttp.ClientResponse
+    provider: Provider, resp: aiohttp.ClientResponse, translator: Translator
 ) -> tuple[Classified, Reply | None]:
     """Read a complete (non-stream or error) answer within its bound and judge it."""
     if resp.status >= 300:
         body, _ = await read_body(resp, ERROR_BODY_BYTES)  # classified from its start
-        return judge_body(provider, resp, body)
+        return judge_body(provider, resp, body, translator)
     cap = provider.settings.max_response_bytes
     body, more = await read_body(resp, cap)
     if more:
         return Classified(Outcome.BAD_RESPONSE, f"answer larger than {cap} bytes"), None
-    return judge_body(provider, resp, body)
+    return judge_body(provider, resp, body, translator)
 
 
 def judge_body(
-    provider: Provider, resp: aiohttp.ClientResponse, body: bytes
+    provider: Provider, resp: aiohttp.ClientResponse, body: bytes, translator: Translator
 ) -> tuple[Classified, Reply | None]:
-    """Classify a complete upstream response: a Reply for an answer or an upstream error
-    (which the loop may pass on), None when the body is not a valid answer."""
+    """Classify a complete upstream response, in OpenAI's terms once ``translator`` has
+    put it in them: a Reply for an answer or an upstream error (which the loop may pass
+    on), None when the body is not a valid answer."""
     status = resp.status
     if 300 <= status < 400:  # redirects are never followed: the prompt stays where it was sent
         return Classified(Outcome.BAD_RESPONSE, f"redirect ({status}) not followed", status), None
+    headers = translator.headers(resp.headers)
     if status >= 400:
         cap = provider.config.quota_reset_timeout  # no upstream keeps it open longer
-        cls = classify_response(status, body, resp.headers, retry_cap=cap)
+        body = translator.error(status, body)
+        cls = classify_response(status, body, headers, retry_cap=cap)
         # Maybe passed to the client as is, but for any secret the upstream quoted back.
-        return cls, Reply(provider, cls.outcome, status, resp.headers, provider.redact.data(body))
+        return cls, Reply(provider, cls.outcome, status, headers, provider.redact.data(body))
+    try:
+        body = translator.answer(body)
+    except BadAnswer as e:
+        return Classified(Outcome.BAD_RESPONSE, str(e), status), None
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -300,21 +314,27 @@ def judge_body(
     if parsed.get("error") is not None:
         return classify_error_body(status, parsed), None
     usage = parsed.get("usage")
-    reply = Reply(provider, Outcome.OK, status, resp.headers, body, usage)
+    reply = Reply(provider, Outcome.OK, status, headers, body, usage)
     return Classified(Outcome.OK, "", status), reply
 
 
 async def hold(
-    lease: Lease, resp: aiohttp.ClientResponse, request_id: str
+    lease: Lease, resp: aiohttp.ClientResponse, request_id: str, translator: Translator
 ) -> tuple[Classified, StreamStart | None]:
-    """Read a 2xx stream up to its first output event without showing the client anything."""
+    """Read a 2xx stream up to its first output event without showing the client anything.
+
+    A vendor's stream reaches the stream state through ``translator.feed``, as OpenAI's
+    SSE; an OpenAI-compatible one (no ``feed``) as it came.
+    """
     provider = lease.provider
-    if resp.content_type != "text/event-stream":
+    if resp.content_type != translator.stream_type:
         body, _ = await read_body(resp, ERROR_BODY_BYTES)
-        cls, _ = judge_body(provider, resp, body)
+        cls, _ = judge_body(provider, resp, body, translator)
         if cls.outcome is Outcome.OK:
             what = resp.headers.get("Content-Type", "")
-            cls = Classified(Outcome.BAD_RESPONSE, f"expected an event stream, got {what!r}")
+            cls = Classified(
+                Outcome.BAD_RESPONSE, f"expected a stream ({translator.stream_type}), got {what!r}"
+            )
         return cls, None
     limit = provider.settings.max_held_bytes
     parser = SSEParser(provider.settings.max_event_bytes)
@@ -322,14 +342,17 @@ async def hold(
     held: list[bytes] = []
     held_bytes = 0
     content = resp.content
+    feed = translator.feed
     loop = asyncio.get_running_loop()
     while not state.output:
         chunk = await content.readany()
         provider.last_byte = loop.time()
         try:
             if chunk:
-                state.take(parser.feed(chunk), held)
+                state.take(parser.feed(chunk if feed is None else feed(chunk, False)), held)
             else:
+                if feed is not None:
+                    state.take(parser.feed(feed(b"", True)), held)
                 state.take(parser.finish(), held)
                 state.end(held)
         except SSEError as e:
@@ -341,7 +364,7 @@ async def hold(
             return Classified(Outcome.BAD_RESPONSE, f"no token in the first {limit} bytes"), None
     lease.commit()
     return Classified(Outcome.OK, "", resp.status), StreamStart(
-        provider, lease, resp, parser, state, held
+        provider, lease, resp, parser, state, held, feed
     )
 
 
@@ -442,6 +465,7 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
     settings = provider.settings
     state = start.state
     parser = start.parser
+    feed = start.feed  # None: OpenAI's SSE, whose bytes pass as they came
     content = start.resp.content
     loop = asyncio.get_running_loop()
     deadline = stream_deadline(call, settings)
@@ -484,12 +508,16 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
                 continue
             try:
                 if chunk:
+                    if feed is not None:
+                        chunk = feed(chunk, False)
                     framed = parser.feed_lf(chunk)
                     if framed is None:
                         state.take(parser.feed(chunk), parts)
                     else:
                         state.take_blocks(framed[0], framed[1], parts)
                 else:
+                    if feed is not None:
+                        state.take(parser.feed(feed(b"", True)), parts)
                     state.take(parser.finish(), parts)
                     state.end(parts)
             except SSEError as e:

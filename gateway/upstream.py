@@ -182,13 +182,15 @@ class Provider:
         self.prober = Prober(
             self.name,
             self.session,
-            self.dialect.models_url(cfg.base_url),
+            self.dialect.models_url,
             self.breaker,
             interval=cfg.probe_interval,
             timeout=cfg.probe_timeout,
             headers=self.headers,
             on_result=self._on_probe,
             progress=self.progress_since,
+            parse=self.dialect.model_ids,
+            running_url=self.dialect.running_url,
             gate=self.share.probe_turn if self.share is not None else None,
             publish=self.share.publish_probe if self.share is not None else None,
         )
@@ -215,11 +217,12 @@ class Provider:
     def lacks_model(self, model: str) -> bool:
         """True when the probe shows that ``model`` is not loaded here.
 
-        Only providers with a configured upstream model are judged: hosted APIs accept
-        names and aliases their list does not show.
+        Only providers with a configured upstream model, whose dialect's list shows what
+        they serve, are judged: hosted APIs accept names and aliases their list does not
+        show.
         """
         models = self.loaded_models
-        if self.config.model is None or not models:
+        if self.config.model is None or not models or not self.dialect.judges_models:
             return False
         return model not in models and f"{model}:latest" not in models
 

@@ -37,11 +37,12 @@ MakeGateway = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 @pytest.fixture
 async def upstreams() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
-    """Factory of started fake upstreams, stopped at the end of the test."""
+    """Factory of started fake upstreams, stopped at the end of the test (``cls``: a vendor
+    fake from tests/fake_vendors.py)."""
     started: list[FakeUpstream] = []
 
-    async def make(name: str = "fake", **kw: Any) -> FakeUpstream:
-        up = FakeUpstream(name, **kw)
+    async def make(name: str = "fake", cls: type[FakeUpstream] = FakeUpstream, **kw: Any) -> Any:
+        up = cls(name, **kw)
         await up.start()
         started.append(up)
         return up
@@ -157,16 +158,24 @@ class GatewayProcess:
     output: Path | None = None  # where its output goes, when not to a pipe
     log: str = ""
     lines: list[str] = field(default_factory=list)
+    signalled: bool = False
 
     @property
     def base(self) -> str:
         """The gateway's base URL."""
         return f"http://127.0.0.1:{self.port}"
 
-    async def stop(self, wait: float = 15.0) -> int:
-        """SIGTERM, then wait (bounded) for the exit code and collect the log."""
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one during the drain would find the default handler
+        back after the event loop closed, and kill the process."""
+        if not self.signalled and self.proc.poll() is None:
+            self.signalled = True
             self.proc.send_signal(signal.SIGTERM)
+
+    async def stop(self, wait: float = 15.0) -> int:
+        """SIGTERM (unless sent already), then wait (bounded) for the exit code and collect
+        the log."""
+        self.terminate()
         code = await asyncio.to_thread(self.proc.wait, wait)
         self._collect()
         return code

@@ -56,6 +56,7 @@ class Behaviour:
     midway: asyncio.Event | None = None  # streams: after the first content chunk, wait for it
     usage: dict[str, Any] | None = None  # replaces the usage block of a plain answer
     location: str = ""  # for kind "redirect"
+    repeat_names: bool = False  # kind "tool": every delta repeats its id and name (llama.cpp)
 
 
 def ok(**kw: Any) -> Behaviour:
@@ -136,6 +137,17 @@ def content_refused() -> Behaviour:
         "invalid_request_error",
         "content_policy_violation",
     )
+
+
+#: The tool call every fake makes for kind "tool": get_weather({"city": "Paris"}), its
+#: arguments streamed in these pieces.
+TOOL_NAME = "get_weather"
+TOOL_ARGS = ('{"city": ', '"Paris"}')
+
+
+def tool(**kw: Any) -> Behaviour:
+    """The model calls :data:`TOOL_NAME` (streamed when the request asks for a stream)."""
+    return Behaviour("tool", **kw)
 
 
 def stream(**kw: Any) -> Behaviour:
@@ -318,6 +330,7 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []  # bodies of chat/completions/embeddings
         self.headers: list[dict[str, str]] = []
         self.probes = 0
+        self.probe_headers: list[dict[str, str]] = []
         self.active = 0  # requests being answered now
         self.peak = 0  # the most requests it was answering at once
         self.connections = 0
@@ -350,9 +363,7 @@ class FakeUpstream:
     async def start(self, port: int = 0) -> None:
         """Listen on 127.0.0.1 (on ``port``, or a free one)."""
         app = web.Application()
-        app.router.add_get("/v1/models", self._models)
-        for path in ("chat/completions", "completions", "embeddings"):
-            app.router.add_post(f"/v1/{path}", self._handle)
+        self._routes(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         server = self._runner.server
@@ -365,6 +376,12 @@ class FakeUpstream:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(factory, "127.0.0.1", port or self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def _routes(self, app: web.Application) -> None:
+        """The API it serves (the vendor fakes of tests/fake_vendors.py serve theirs)."""
+        app.router.add_get("/v1/models", self._models)
+        for path in ("chat/completions", "completions", "embeddings"):
+            app.router.add_post(f"/v1/{path}", self._handle)
 
     async def stop(self) -> None:
         """Stop listening and drop open connections (the port then refuses)."""
@@ -384,18 +401,23 @@ class FakeUpstream:
 
     async def _models(self, request: web.Request) -> web.Response:
         self.probes += 1
+        self.probe_headers.append(dict(request.headers))
         if self.models_delay:
             await asyncio.sleep(self.models_delay)
         if self.models_location:
             raise web.HTTPFound(self.models_location)
         if self.models_status != 200:
             return web.Response(status=self.models_status, body=b'{"error": "down"}')
+        return web.Response(
+            body=orjson.dumps(self._model_list(request)), content_type="application/json"
+        )
+
+    def _model_list(self, request: web.Request) -> dict[str, Any]:
+        """The body of a good model list (a vendor fake answers in its API's shape)."""
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": self.name} for m in self.models
         ]
-        return web.Response(
-            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
-        )
+        return {"object": "list", "data": data}
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.active += 1
@@ -458,6 +480,8 @@ class FakeUpstream:
             request.transport.abort()
             await asyncio.sleep(3600)
         legacy = request.path.endswith("/completions") and "chat" not in request.path
+        if b.kind == "tool":
+            return await self._tool(request, body, b)
         if not body.get("stream"):
             if b.delay:
                 await asyncio.sleep(b.delay)
@@ -471,9 +495,15 @@ class FakeUpstream:
                 content_type="application/json",
                 headers={"x-ratelimit-remaining-requests": "99", **b.headers},
             )
-        return await self._stream(request, b, legacy)
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        return await self._stream(request, b, legacy, usage)
 
-    async def _stream(self, request: web.Request, b: Behaviour, legacy: bool) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, b: Behaviour, legacy: bool, usage: bool = False
+    ) -> web.StreamResponse:
+        """A stream; with ``usage`` (``stream_options.include_usage``) a usage-only chunk
+        precedes ``[DONE]``, as OpenAI sends it."""
         resp = web.StreamResponse(headers={"Content-Type": b.content_type})
         await resp.prepare(request)
         sent = bytearray()
@@ -519,10 +549,41 @@ class FakeUpstream:
             await asyncio.sleep(3600)
         if b.finish and not (b.finish_on_last and b.tokens) and live:
             await write(chunk(finish="stop", indexes=live, **shape))
+        if usage:
+            last = orjson.loads(chunk(indexes=())[6:])
+            last["usage"] = completion("", "")["usage"]
+            await write(b"data: " + orjson.dumps(last) + b"\n\n")
         if b.done:
             await write(b"data: [DONE]\n\n")
         if b.end_delay:
             await asyncio.sleep(b.end_delay)  # the chunked terminator comes in a later read
+        return resp
+
+    async def _tool(
+        self, request: web.Request, body: dict[str, Any], b: Behaviour
+    ) -> web.StreamResponse:
+        """A tool call, as OpenAI sends it: the id, type and name in the first delta only
+        (unless ``repeat_names``), then the arguments in pieces."""
+        call = {"id": "call_1", "type": "function", "function": {"name": TOOL_NAME}}
+        if not body.get("stream"):
+            answer = completion("", body["model"])
+            choice = answer["choices"][0]
+            arguments = "".join(TOOL_ARGS)
+            choice["message"] = {"role": "assistant", "content": None, "refusal": None,
+                                 "tool_calls": [{**call, "function": {"name": TOOL_NAME, "arguments": arguments}}]}  # fmt: skip
+            choice["finish_reason"] = "tool_calls"
+            return web.Response(body=orjson.dumps(answer), content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        parts = [chunk(role=True)]
+        for i, piece in enumerate(("", *TOOL_ARGS)):
+            first = {"index": 0, **call} if i == 0 or b.repeat_names else {"index": 0}
+            delta = [{**first, "function": {**first.get("function", {}), "arguments": piece}}]
+            parts.append(chunk(delta, field="tool_calls"))
+        parts += [chunk(finish="tool_calls"), b"data: [DONE]\n\n"]
+        self.sent.append(b"".join(parts))
+        for part in parts:
+            await resp.write(part)
         return resp
 
     def _within_rpm(self) -> bool:

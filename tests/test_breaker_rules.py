@@ -161,16 +161,7 @@ async def test_trial_released_when_the_request_cannot_be_encoded(gateway, upstre
     class Broken:
         endpoints = frozenset({"chat/completions"})
 
-        def url(self, base_url, endpoint):
-            return f"{base_url}/{endpoint}"
-
-        def models_url(self, base_url):
-            return f"{base_url}/models"
-
-        def headers(self, api_key):
-            return {}
-
-        def request_body(self, body, raw, model):
+        def request(self, call, model):
             raise TypeError("cannot encode")
 
     a, b = await upstreams("a"), await upstreams("b")

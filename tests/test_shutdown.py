@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 
 import aiohttp
 
@@ -37,7 +36,7 @@ async def test_sigterm_drains_streams(upstreams, unused_tcp_port):
             short = await s.post(f"{base}/v1/chat/completions", json=chat(stream=True))
             long = await s.post(f"{base}/v1/chat/completions", json=chat(stream=True))
             assert short.status == long.status == 200  # both committed
-            gw.proc.send_signal(signal.SIGTERM)
+            gw.terminate()
             (short_data, short_done), (long_data, long_done), refused = await asyncio.gather(
                 read_stream(short), read_stream(long), refuses_new_connections(base)
             )

@@ -3,11 +3,18 @@
 A new dialect is one module here and one line in :data:`DIALECTS`.
 """
 
-from gateway.providers.base import Dialect
+from gateway.providers.anthropic import AnthropicDialect
+from gateway.providers.azure import AzureDialect
+from gateway.providers.base import Dialect, DialectFactory
+from gateway.providers.ollama import OllamaDialect
 from gateway.providers.openai import OpenAIDialect
 
-DIALECTS: dict[str, Dialect] = {
-    "openai": OpenAIDialect(),
+#: Each dialect's name (a provider's ``dialect`` setting) and what builds it.
+DIALECTS: dict[str, DialectFactory] = {
+    "openai": OpenAIDialect,
+    "anthropic": AnthropicDialect,
+    "ollama": OllamaDialect,
+    "azure": AzureDialect,
 }
 
-__all__ = ["DIALECTS", "Dialect"]
+__all__ = ["DIALECTS", "Dialect", "DialectFactory"]
