@@ -39,10 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODEL = "gpt-bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 TOKEN_MARK = b'"content":" token"'  # in every content chunk of the fake upstream, only there
 DONE_TAIL = b"data: [DONE]\n\n"
 PACED_MS = 10.0
@@ -727,8 +728,13 @@ async def burst_phase(
 # -- the run --------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+async def with_processes(
+    prefix: str, body: Callable[[Path, list[Proc]], Awaitable[T]], keep: bool = False
+) -> T:
+    """``body(tmp, procs)`` in a fresh temporary directory; every process it adds to
+    ``procs`` is stopped at the end (SIGINT and SIGTERM end the run there too), and the
+    directory removed unless ``keep``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     procs: list[Proc] = []
     task = asyncio.current_task()
     assert task is not None
@@ -736,14 +742,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop what we started, then exit
         loop.add_signal_handler(sig, task.cancel)
     try:
-        return await _run(args, tmp, procs)
+        return await body(tmp, procs)
     finally:
         for p in reversed(procs):
             p.stop()
-        if args.keep_logs:
+        if keep:
             print(f"logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    return await with_processes(
+        "gateway-bench-", lambda tmp, procs: _run(args, tmp, procs), args.keep_logs
+    )
 
 
 async def start_upstream(chunks: int, tmp: Path, procs: list[Proc]) -> tuple[str, Proc]:

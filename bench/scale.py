@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ from bench.run import (
     table,
     wait_quiet,
     wait_ready,
+    with_processes,
 )
 
 CHAT_PATH = "/v1/chat/completions"
@@ -202,19 +201,7 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-scale-"))
-    procs: list[Proc] = []
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await _run(args, tmp, procs)
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    await with_processes("gateway-bench-scale-", lambda tmp, procs: _run(args, tmp, procs))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -552,10 +552,7 @@ def _cache_settings(table: Mapping[str, Any], env: Mapping[str, str]) -> CacheSe
     _check_keys(rest, _CACHE_FIELDS, "cache")
     values = {k: _coerce(f"cache.{k}", str(_CACHE_FIELDS[k]), v) for k, v in rest.items()}
     origin = {k: f"cache.{k}" for k in values}
-    if "REDIS_URL" in env:
-        values["redis_url"] = env["REDIS_URL"]
-        origin["redis_url"] = "REDIS_URL"
-    values["redis_url"] = (values.get("redis_url") or "").strip() or None
+    values["redis_url"] = _redis_url(values, origin, env) or None
     cache = CacheSettings(models=dict(models), **values)
 
     def key(name: str) -> str:
@@ -576,6 +573,14 @@ def _cache_settings(table: Mapping[str, Any], env: Mapping[str, str]) -> CacheSe
         )
     _check_redis_url(cache.redis_url, key("redis_url"))
     return cache
+
+
+def _redis_url(values: dict[str, Any], origin: dict[str, str], env: Mapping[str, str]) -> str:
+    """A table's ``redis_url``, or ``REDIS_URL`` over it (noted in ``origin``); "" if none."""
+    if "REDIS_URL" in env:
+        values["redis_url"] = env["REDIS_URL"]
+        origin["redis_url"] = "REDIS_URL"
+    return str(values.get("redis_url") or "").strip()
 
 
 def _check_redis_url(url: str | None, key: str) -> None:
@@ -600,10 +605,7 @@ def _sharing_settings(
     _check_keys(table, _SHARING_FIELDS, "sharing")
     values = {k: _coerce(f"sharing.{k}", str(_SHARING_FIELDS[k]), v) for k, v in table.items()}
     origin = {k: f"sharing.{k}" for k in values}
-    if "REDIS_URL" in env:
-        values["redis_url"] = env["REDIS_URL"]
-        origin["redis_url"] = "REDIS_URL"
-    values["redis_url"] = (values.get("redis_url") or "").strip() or cache.redis_url
+    values["redis_url"] = _redis_url(values, origin, env) or cache.redis_url
     sharing = SharingSettings(**values)
     for name in ("redis_timeout", "redis_retry"):
         if getattr(sharing, name) <= 0:
