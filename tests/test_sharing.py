@@ -1,6 +1,7 @@
 """Three gateway replicas share what they learn about providers through a real Redis
 (Debian's ``redis-server`` on a free loopback port): a breaker one of them opens, one
-half-open trial for all, and limits counted across them; Redis killed and restarted."""
+half-open trial for all, a spent rate limit, and limits counted across them; Redis killed
+and restarted."""
 
 from __future__ import annotations
 
@@ -165,9 +166,29 @@ reset_timeout = 1
             return True
 
         await until(rejoined, "the replicas did not rejoin Redis")
-        primary.then(fu.server_error(502))
-        assert await post(s, b) == (200, "lmstudio")
-        await all_in(s, [a, c], "openai", "open")
+        # What B learns from the primary's x-ratelimit-* headers (its request budget is
+        # spent for 30 s), A and C learn too, and none of them sends it anything more.
+        spent = {
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "30s",
+        }
+        primary.then(fu.ok(headers=spent))
+        assert await post(s, b) == (200, "openai")
+
+        async def learned() -> bool:
+            for base in (a, c):
+                async with s.get(f"{base}/admin/providers") as resp:
+                    budget = (await resp.json())["providers"][0]["budget"]
+                if not budget or budget["requests"]["remaining"] != 0:
+                    return False
+            return True
+
+        await until(learned, "the spent budget did not reach the other replicas")
+        sent = len(primary.requests)
+        answers = await asyncio.gather(*(post(s, base) for base in (a, c) * 3))
+        assert answers == [(200, "lmstudio")] * 6
+        assert len(primary.requests) == sent
 
 
 async def test_limits_hold_across_replicas(
