@@ -140,7 +140,10 @@ async def test_open_connections_are_capped(upstreams, unused_tcp_port):
                     break
                 await asyncio.sleep(0.05)
         assert await gw.stop() == 0
-    assert most <= 10
+    # Held: the connections not refused. (The count of the gateway's sockets may also
+    # catch a refused one between its answer and its close: it is only a sanity bound.)
+    assert len(conns) - len(refused) <= 10
+    assert most <= 10 + 2
     assert len(refused) >= 20
     for data in refused:
         if data:  # a reset may beat the answer to a client that has sent nothing
