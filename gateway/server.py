@@ -15,7 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway import metrics, status
+from gateway import metrics, rescue, status
 from gateway.auth import CLIENT_KEY, SESSIONS, Sessions, auth_middleware
 from gateway.cache import Backend, Cache, MemoryBackend
 from gateway.cached import CachedAnswers
@@ -260,6 +260,10 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
             quotas.admit(request.get(CLIENT_KEY), call)
         except GatewayError as e:
             return error_response(call, e)
+    try:
+        call.rescue = rescue.plan(request.headers, call, request.app[SETTINGS].rescue, routes)
+    except GatewayError as e:
+        return error_response(call, e)
     cached = request.app.get(CACHED)
     if cached is not None:
         resp = await cached.answer(request, call, routes)
@@ -382,6 +386,7 @@ def create_app(settings: Settings, *, probes: bool = True) -> web.Application:
             await provider.start(probes=probes)
         app[PROVIDERS] = providers
         metrics.export_failover_order(list(providers))
+        metrics.export_stream_series()
         report = None
         if probes:
             report = asyncio.create_task(log_after_first_probes(list(providers.values())))

@@ -22,6 +22,7 @@ from gateway import metrics
 from gateway.budgets import Budget
 from gateway.config import ProviderConfig, Settings
 from gateway.errors import POLICY, BreakerEffect, Outcome
+from gateway.hedge import Hedge
 from gateway.limits import Limiter
 from gateway.providers import Dialect
 from gateway.redact import Redactor
@@ -141,6 +142,9 @@ class Provider:
             config.name, config.rpm, config.tpm, config.burst_seconds, config.quota_reset_timeout
         )
         self.limiter = Limiter(config.max_concurrency, config.max_queue, self.budget)
+        # Streams slow to start are hedged on the next provider (opt-in: hedge_after).
+        after = config.hedge_after
+        self.hedge = Hedge(after) if after is not None else None
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
         metrics.QUEUE_DEPTH.labels(self.name).set_function(lambda: self.limiter.queued)
         self.session: aiohttp.ClientSession | None = None
