@@ -164,12 +164,14 @@ class Rescue:
                     metrics.STREAM_RESCUES.labels("failed").inc()
                     return None
                 out: list[bytes] = []
-                verified = False
                 try:
                     verified = await self._verify(new, state, deadline, prefilled, out)
-                finally:
-                    if not verified:  # diverged, failed, or the client left
-                        new.resp.close()
+                except BaseException:  # the client left: given back without a verdict
+                    new.lease.finish(Outcome.CANCELLED)
+                    new.resp.close()
+                    raise
+                if not verified:
+                    new.resp.close()
                 name = new.provider.display_name
                 if verified:
                     self.source = new.provider
@@ -284,12 +286,12 @@ def _prefilled(call: Call, transcript: Transcript) -> dict[str, Any] | None:
     """``call``'s body with the partial answer as a last assistant message, when that is
     the plain text of one chat choice; None otherwise (then it is restarted and verified)."""
     body = call.body
-    texts = transcript.texts
     if call.endpoint != "chat/completions" or body.get("n") not in (None, 1):
         return None
+    texts = transcript.sent()
     if set(texts) != {0} or set(texts[0]) != {"content"} or transcript.choices != {0}:
         return None
-    partial = {"role": "assistant", "content": "".join(texts[0]["content"])}
+    partial = {"role": "assistant", "content": texts[0]["content"]}
     return {**body, "messages": [*body["messages"], partial]}
 
 

@@ -550,20 +550,17 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
             call.waited += time.perf_counter() - t0
             if state.failure is not None:
                 continue
+            if not chunk:  # the end of the body
+                judge_read(state, parser, feed, chunk, parts)
+                continue
             try:
-                if chunk:
-                    if feed is not None:
-                        chunk = feed(chunk, False)
-                    framed = parser.feed_lf(chunk) if fast else None
-                    if framed is None:
-                        state.take(parser.feed(chunk), parts)
-                    else:
-                        state.take_blocks(framed[0], framed[1], parts)
+                if feed is not None:
+                    chunk = feed(chunk, False)
+                framed = parser.feed_lf(chunk) if fast else None
+                if framed is None:
+                    state.take(parser.feed(chunk), parts)
                 else:
-                    if feed is not None:
-                        state.take(parser.feed(feed(b"", True)), parts)
-                    state.take(parser.finish(), parts)
-                    state.end(parts)
+                    state.take_blocks(framed[0], framed[1], parts)
             except SSEError as e:
                 state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
     finally:

@@ -22,6 +22,7 @@ answer itself) has nothing to reproduce: its splice lets the output through at o
 
 from __future__ import annotations
 
+from io import StringIO
 from typing import Any
 
 import orjson
@@ -106,7 +107,9 @@ class Transcript:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.texts: dict[int, dict[Key, list[str]]] = {}
+        # Each text in a StringIO: about a byte a character, where a list of the pieces
+        # would cost some fifty bytes of object for every few characters.
+        self.texts: dict[int, dict[Key, StringIO]] = {}
         self.choices: set[int] = set()  # choice indexes the client has seen (its role)
         self.tool_ids: dict[tuple[int, int], Any] = {}  # (choice, tool index) -> id sent
         self.ident: dict[str, Any] = {}  # the original stream's id, model and created
@@ -143,7 +146,10 @@ class Transcript:
                     continue
                 texts = self.texts.setdefault(index, {})
                 for key, piece in pieces:
-                    texts.setdefault(key, []).append(piece)
+                    text = texts.get(key)
+                    if text is None:
+                        text = texts[key] = StringIO()
+                    text.write(piece)
                     self.size += _size(piece)
                 self._tool_ids(index, choice)
         except _Uncomparable as e:
@@ -151,6 +157,13 @@ class Transcript:
             return
         if self.size > self.limit:
             self._break(f"the text sent is longer than max_prefix_bytes ({self.limit})")
+
+    def sent(self) -> dict[int, dict[Key, str]]:
+        """Each choice's texts, as the client has them."""
+        return {
+            index: {key: text.getvalue() for key, text in texts.items()}
+            for index, texts in self.texts.items()
+        }
 
     def _tool_ids(self, index: int, choice: dict[str, Any]) -> None:
         delta = choice.get("delta")
@@ -174,10 +187,7 @@ class Splice:
 
     def __init__(self, transcript: Transcript, verify: bool) -> None:
         self.transcript = transcript
-        self.need: dict[int, dict[Key, str]] = {}
-        if verify:
-            for index, texts in transcript.texts.items():
-                self.need[index] = {key: "".join(pieces) for key, pieces in texts.items()}
+        self.need = transcript.sent() if verify else {}
         self.left = {index: len(texts) for index, texts in self.need.items()}  # keys to go
         self.got: dict[tuple[int, Key], int] = {}  # characters of each text reproduced
         self.pending: list[dict[str, Any]] = []  # new text held until everything matched

@@ -111,6 +111,17 @@ async def test_official_sdk_reassembles_a_rescued_stream(gateway, upstreams):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+async def test_an_error_event_after_commit_is_rescued(gateway, upstreams):
+    a, b = await pair(upstreams)
+    overloaded = {"error": {"message": "The server is overloaded", "type": "server_error"}}
+    events = fu.chunk("Hello", ident=IDENT_A) + fu.chunk(" from", ident=IDENT_A)
+    a.default = fu.sse(events + b"data: " + orjson.dumps(overloaded) + b"\n\n")
+    client = await gateway(a, b)
+    _, raw, datas, done = await post(client)
+    assert done and text_of(datas) == b.text
+    assert b"overloaded" not in raw
+
+
 async def test_a_fallback_that_answers_otherwise_leaves_the_usual_error(gateway, upstreams):
     a, b = await pair(upstreams)
     a.default = fu.drop_after(40)
@@ -142,34 +153,29 @@ async def test_a_stall_after_20_tokens_is_rescued_after_idle_timeout(gateway, up
     assert rescues("rescued") - before == 1
 
 
-async def test_prefill_refused_is_rescued_by_a_verified_restart(gateway, upstreams):
+@pytest.mark.parametrize(
+    ("prefill", "result", "sent"),
+    [("reject", "rescued", 2), ("continue", "continued", 1)],
+    ids=["refused: a verified restart", "accepted: continued"],
+)
+async def test_prefill(gateway, upstreams, prefill, result, sent):
     a, b = await pair(upstreams)
     a.default = fu.drop_after(10)
     b.default = fu.stream(tokens=30)
-    b.prefill = "reject"
-    client = await gateway(a, b, settings={"rescue": RescueSettings(models={"careful": "prefill"})})
-    before = rescues("rescued")
+    b.prefill = prefill  # the fallback refuses an assistant prefill, or continues it
+    rules = RescueSettings(models={"careful": "prefill"})
+    client = await gateway(a, b, settings={"rescue": rules})
+    before = rescues(result)
     _, raw, datas, done = await post(client, headers={}, model="careful")
     assert done and text_of(datas) == words(30)
+    assert all(d["id"] == IDENT_A["id"] for d in datas)
     assert b"Expected last role" not in raw and b"400" not in raw
+    assert len(b.requests) == sent
     assert [m["role"] for m in b.requests[0]["messages"]] == ["user", "assistant"]
     assert b.requests[0]["messages"][-1]["content"] == words(10)
-    assert [m["role"] for m in b.requests[1]["messages"]] == ["user"]
-    assert rescues("rescued") - before == 1
-
-
-async def test_prefill_accepted_continues_the_answer(gateway, upstreams):
-    a, b = await pair(upstreams)
-    a.default = fu.drop_after(10)
-    b.default = fu.stream(tokens=30)
-    b.prefill = "continue"
-    client = await gateway(a, b, settings={"rescue": RescueSettings(models={"careful": "prefill"})})
-    before = rescues("continued")
-    _, _, datas, done = await post(client, headers={}, model="careful")
-    assert done and text_of(datas) == words(30)
-    assert all(d["id"] == IDENT_A["id"] for d in datas)
-    assert len(b.requests) == 1
-    assert rescues("continued") - before == 1
+    if sent == 2:  # then restarted as it was, and verified
+        assert b.requests[1]["messages"] == a.requests[0]["messages"]
+    assert rescues(result) - before == 1
 
 
 def tool_arguments(datas):
@@ -234,6 +240,18 @@ async def test_one_restart_by_default(gateway, upstreams):
     assert not c.requests
 
 
+async def test_a_text_longer_than_max_prefix_bytes_is_not_rescued(gateway, upstreams):
+    a, b = await pair(upstreams)
+    a.default = fu.drop_after(300)  # about 1.4 KB of text
+    client = await gateway(a, b, settings={"rescue": RescueSettings(max_prefix_bytes=1024)})
+    before = rescues("skipped")
+    _, _, datas, done = await post(client)
+    assert not done and text_of(datas[:-1]) == words(300)
+    assert datas[-1]["error"]["code"] == "stream_interrupted"
+    assert not b.requests
+    assert rescues("skipped") - before == 1
+
+
 async def test_without_rescue_a_cut_ends_with_the_error_event(gateway, upstreams):
     a, b = await pair(upstreams)
     a.default = fu.drop_after(5)
@@ -256,10 +274,18 @@ async def test_a_bad_rescue_header_is_a_400(gateway, upstreams):
     assert not a.requests
 
 
-async def test_client_leaving_during_a_rescue_cancels_the_restart(gateway, upstreams):
+@pytest.mark.parametrize(
+    "restart",
+    [
+        lambda: fu.stream(tokens=10, gate=asyncio.Event()),  # no first token yet
+        lambda: fu.stream(tokens=10, midway=asyncio.Event()),  # one token, then silence
+    ],
+    ids=["before its first token", "while it reproduces the text"],
+)
+async def test_client_leaving_during_a_rescue_cancels_the_restart(gateway, upstreams, restart):
     a, b = await pair(upstreams)
     a.default = fu.drop_after(5)
-    b.default = fu.stream(tokens=10, gate=asyncio.Event())  # never answers
+    b.default = restart()
     client = await gateway(a, b)
     resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers=RESCUE)
     await wait_until(lambda: len(b.requests) == 1)
