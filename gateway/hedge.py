@@ -84,7 +84,7 @@ async def race(
     began = loop.time()
     others = any(usable(call, later) for later in routes[n + 1 :])
     first = asyncio.ensure_future(attempt(call, route, others))
-    order = {first: route}
+    order = {first: (route, began)}  # each attempt's route and when it began
     second: asyncio.Future[Result] | None = None
     winner: asyncio.Future[Result] | None = None
     try:
@@ -105,7 +105,7 @@ async def race(
             )
             later = any(usable(call, r) for r in routes[m + 1 :])
             second = asyncio.ensure_future(attempt(call, routes[m], later))
-            order[second] = routes[m]
+            order[second] = (routes[m], loop.time())
         kept: Reply | None = None
         pending = set(order)
         while pending:
@@ -113,7 +113,7 @@ async def race(
             for task in sorted(done, key=list(order).index):  # the earlier route first
                 result = task.result()
                 if isinstance(result, StreamStart):
-                    _observe(order[task], loop.time() - began)
+                    _observe(*order[task], loop)
                 if _final(result):
                     winner = task
                     return result
@@ -123,7 +123,7 @@ async def race(
     finally:
         if second is not None:
             metrics.HEDGES.labels(_ended(second, winner)).inc()
-        await _cancel_rest(order, winner, loop.time() - began)
+        await _cancel_rest(order, winner, loop)
 
 
 def _next(
@@ -154,16 +154,18 @@ def _ended(second: asyncio.Future[Result], winner: asyncio.Future[Result] | None
     return "cancelled"  # the first provider answered first, or the client left
 
 
-def _observe(route: Route[Provider], seconds: float) -> None:
+def _observe(route: Route[Provider], began: float, loop: asyncio.AbstractEventLoop) -> None:
+    """The attempt on ``route`` that began at loop time ``began`` has its first token now
+    (or is given up now)."""
     hedge = route.provider.hedge
     if hedge is not None:
-        hedge.observe(seconds)
+        hedge.observe(loop.time() - began)
 
 
 async def _cancel_rest(
-    order: dict[asyncio.Future[Result], Route[Provider]],
+    order: dict[asyncio.Future[Result], tuple[Route[Provider], float]],
     winner: asyncio.Future[Result] | None,
-    elapsed: float,
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
     """Cancel the attempts still running and give back a stream that lost by a hair. With
     a winner they lost the race: each closes its request and releases its breaker without
@@ -171,7 +173,7 @@ async def _cancel_rest(
     running = [task for task in order if not task.done()]
     for task in running:
         if winner is not None:
-            _observe(order[task], elapsed)  # it would have taken longer than this
+            _observe(*order[task], loop)  # it would have taken longer than this
             task.cancel(LOST)
         else:
             task.cancel()

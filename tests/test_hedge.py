@@ -122,6 +122,23 @@ async def test_client_leaving_during_a_hedge_cancels_both_requests(gateway, upst
     assert all(p.breaker.fail_counter == 0 for p in providers.values())
 
 
+async def test_p95_hedges_a_stream_slower_than_the_providers_recent_ones(gateway, upstreams):
+    a, b = await upstreams("a"), await upstreams("b")
+    client = await gateway(a, b, per={"openai": {"hedge_after": "p95"}})
+    before = counts()
+    for _ in range(20):  # fast first tokens: the provider's p95 is a few milliseconds
+        resp = await client.post("/v1/chat/completions", json=chat(stream=True))
+        _, done = await read_stream(resp)
+        assert done and resp.headers["x-gateway-provider"] == "openai"
+    assert delta(before) == {} and not b.requests
+    a.then(fu.stream(delay=20))
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True))
+    datas, done = await read_stream(resp)
+    assert done and resp.headers["x-gateway-provider"] == "lmstudio"
+    assert delta(before) == {"started": 1, "won": 1}
+    await wait_until(lambda: a.disconnects == 1)
+
+
 def test_p95_hedges_only_once_it_has_seen_enough_first_tokens():
     hedge = Hedge("p95")
     for i in range(19):
