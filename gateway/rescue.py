@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -165,7 +166,7 @@ class Rescue:
                     return None
                 out: list[bytes] = []
                 try:
-                    verified = await self._verify(new, state, deadline, prefilled, out)
+                    verified = await self._verify(call, new, state, prefilled, out)
                 except BaseException:  # the client left: given back without a verdict
                     new.lease.finish(Outcome.CANCELLED)
                     new.resp.close()
@@ -245,14 +246,15 @@ class Rescue:
 
     async def _verify(
         self,
+        call: Call,
         new: StreamStart,
         state: StreamState,
-        deadline: float,
         prefilled: bool,
         out: list[bytes],
     ) -> bool:
         """Read ``new`` through the state's splice until it has reproduced the text sent
-        (True; what goes on to the client is in ``out``), diverged, or failed."""
+        (True; what goes on to the client is in ``out``), diverged, or failed, within
+        ``call``'s deadline (the stream's, meanwhile)."""
         transcript = state.transcript
         assert transcript is not None
         splice = transcript.splice = Splice(transcript, verify=not prefilled)
@@ -260,12 +262,14 @@ class Rescue:
         state.take(_events(new.held), out)  # what its hold read, judged again as the client's
         content = new.resp.content
         idle = new.provider.config.idle_timeout
+        deadline = call.deadline
         loop = asyncio.get_running_loop()
         while not (splice.verified or splice.diverged or state.failure or state.done):
             now = loop.time()
             if now >= deadline:
                 state.fail(_DEADLINE)
                 break
+            t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(min(idle, deadline - now)):
                     chunk = await content.readany()
@@ -277,6 +281,8 @@ class Rescue:
             except (aiohttp.ClientError, OSError) as e:
                 state.fail(classify_exception(e))
                 break
+            finally:
+                call.waited += time.perf_counter() - t0  # waiting on the upstream
             new.provider.last_byte = loop.time()
             judge_read(state, new.parser, new.feed, chunk, out)
         return splice.verified and not splice.diverged

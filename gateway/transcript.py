@@ -142,6 +142,7 @@ class Transcript:
                 index = _index(choice)
                 self.choices.add(index)
                 pieces = _pieces(choice)
+                self._tool_ids(index, choice)
                 if not pieces:
                     continue
                 texts = self.texts.setdefault(index, {})
@@ -151,7 +152,6 @@ class Transcript:
                         text = texts[key] = StringIO()
                     text.write(piece)
                     self.size += _size(piece)
-                self._tool_ids(index, choice)
         except _Uncomparable as e:
             self._break(f"its output has {e} that cannot be compared as text")
             return
