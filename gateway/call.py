@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from breakers import Permit, ProviderBreaker
     from gateway.budgets import Correctable
+    from gateway.rescue import Rescue
     from gateway.sse import SSEParser
     from gateway.stream import StreamState
     from gateway.upstream import Lease, Provider
@@ -80,6 +81,7 @@ class Call:
     token_charges: tuple[Correctable, ...] = ()
     cache: str = ""  # hit, miss, coalesced or bypass; "" when the cache was not asked
     cache_source: str = ""  # on a hit: the provider that produced the stored answer
+    rescue: Rescue | None = None  # set when a stream cut after commit may be rescued
 
     @property
     def failover(self) -> bool:

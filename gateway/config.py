@@ -93,6 +93,10 @@ class ProviderConfig:
     tpm: float = 0.0  # tokens per minute (0: none configured)
     burst_seconds: float = 1.0  # how many seconds of refill a budget holds (at least 1 request)
     verify_tls: bool = True
+    # Streams: after this many seconds without a first token, the same request goes to the
+    # next usable provider too (gateway.hedge); "p95": this provider's recent 95th
+    # percentile. None: never.
+    hedge_after: float | str | None = None
 
 
 #: How a ``[cache.models]`` rule caches a model's requests: ``deterministic`` only those
@@ -116,6 +120,22 @@ class CacheSettings:
     redis_timeout: float = 0.5  # one Redis command, connecting included
     redis_retry: float = 1.0  # after a Redis failure, requests leave it alone this long
     models: Mapping[str, str] = field(default_factory=dict)  # model or alias -> CACHE_MODES
+
+
+#: How a ``[rescue.models]`` rule rescues a model's streams that fail after their first
+#: token (gateway.rescue): ``restart`` the request and verify that it reproduces what the
+#: client has, or ``prefill`` the partial answer (a verified restart if it is refused).
+RESCUE_MODES = ("restart", "prefill", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class RescueSettings:
+    """Rescuing streams cut after commit (``[rescue]``; see ``gateway.rescue``)."""
+
+    max_rescues: int = 1  # restarts per stream
+    max_prefix_bytes: int = 1 * MiB  # text a rescue verifies (and holds); more: not rescued
+    keepalive: float = 5.0  # seconds between SSE comments while a rescue regenerates
+    models: Mapping[str, str] = field(default_factory=dict)  # model or alias -> RESCUE_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +188,7 @@ class Settings:
     access: AccessPolicy = field(default_factory=AccessPolicy, repr=False)
     quotas: QuotaSettings = field(default_factory=QuotaSettings, repr=False)  # per client key
     cache: CacheSettings = field(default_factory=CacheSettings)
+    rescue: RescueSettings = field(default_factory=RescueSettings)
     sharing: SharingSettings = field(default_factory=SharingSettings)
     workers: int = 1  # processes serving the port (SO_REUSEPORT), under one supervisor
 
@@ -190,6 +211,7 @@ _PROVIDER_FIELDS = {
 }
 _CACHE_FIELDS = {f.name: f.type for f in dataclasses.fields(CacheSettings) if f.name != "models"}
 _SHARING_FIELDS = {f.name: f.type for f in dataclasses.fields(SharingSettings)}
+_RESCUE_FIELDS = {f.name: f.type for f in dataclasses.fields(RescueSettings) if f.name != "models"}
 _GATEWAY_FIELDS = {
     "host": "str",
     "port": "int",
@@ -362,9 +384,23 @@ def _provider_values(table: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     for k, v in table.items():
         if k == "api_key_env":
             values["api_key_env"] = _coerce(f"{prefix}.{k}", "str", v)
+        elif k == "hedge_after":
+            values[k] = _hedge_after(f"{prefix}.{k}", v)
         else:
             values[k] = _coerce(f"{prefix}.{k}", str(_PROVIDER_FIELDS[k]), v)
     return values
+
+
+def _hedge_after(key: str, value: Any) -> float | str:
+    """``hedge_after``: a positive number of seconds, or ``"p95"``."""
+    if isinstance(value, str) and value.strip().lower() == "p95":
+        return "p95"
+    if isinstance(value, str):
+        raise ConfigError(key, f'must be a number of seconds or "p95", got {value!r}')
+    seconds = _coerce(key, "float", value)
+    if seconds <= 0:
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    return float(seconds)
 
 
 def load_toml(path: str, key: str = "GATEWAY_CONFIG") -> dict[str, Any]:
@@ -403,7 +439,16 @@ def load_settings(
     env = os.environ if env is None else env
     path = env.get("GATEWAY_CONFIG")
     data = load_toml(path, config_key) if path else {}
-    tables = ("gateway", "defaults", "providers", "aliases", "clients", "cache", "sharing")
+    tables = (
+        "gateway",
+        "defaults",
+        "providers",
+        "aliases",
+        "clients",
+        "cache",
+        "sharing",
+        "rescue",
+    )
     _check_keys(data, dict.fromkeys(tables), "config")
 
     gw_table = _table(data, "gateway")
@@ -476,8 +521,14 @@ def load_settings(
 
     cache = _cache_settings(_table(data, "cache"), env)
     sharing = _sharing_settings(_table(data, "sharing"), env, cache)
+    rescue = _rescue_settings(_table(data, "rescue"))
     settings = Settings(
-        providers=tuple(providers), aliases=dict(aliases), cache=cache, sharing=sharing, **gw
+        providers=tuple(providers),
+        aliases=dict(aliases),
+        cache=cache,
+        sharing=sharing,
+        rescue=rescue,
+        **gw,
     )
     _check_gateway(settings, origin)
     return settings
@@ -540,20 +591,13 @@ def _check_gateway(settings: Settings, origin: Mapping[str, str]) -> None:
 
 def _cache_settings(table: Mapping[str, Any], env: Mapping[str, str]) -> CacheSettings:
     """``[cache]``, with ``REDIS_URL`` over ``cache.redis_url``; errors name the key."""
-    models = table.get("models", {})
-    if not isinstance(models, dict):
-        raise ConfigError("cache.models", "must be a table")
-    for name, mode in models.items():
-        if mode not in CACHE_MODES:
-            raise ConfigError(
-                f"cache.models.{name}", f"must be one of {', '.join(CACHE_MODES)}, got {mode!r}"
-            )
+    models = _modes(table, "cache.models", CACHE_MODES)
     rest = {k: v for k, v in table.items() if k != "models"}
     _check_keys(rest, _CACHE_FIELDS, "cache")
     values = {k: _coerce(f"cache.{k}", str(_CACHE_FIELDS[k]), v) for k, v in rest.items()}
     origin = {k: f"cache.{k}" for k in values}
     values["redis_url"] = _redis_url(values, origin, env) or None
-    cache = CacheSettings(models=dict(models), **values)
+    cache = CacheSettings(models=models, **values)
 
     def key(name: str) -> str:
         return origin.get(name, f"cache.{name}")
@@ -612,6 +656,33 @@ def _sharing_settings(
             raise ConfigError(origin.get(name, f"sharing.{name}"), "must be positive")
     _check_redis_url(sharing.redis_url, origin.get("redis_url", "cache.redis_url"))
     return sharing
+
+
+def _modes(table: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """A ``models`` table (model or alias = mode), each mode one of ``allowed``."""
+    models = table.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(key, "must be a table")
+    for name, mode in models.items():
+        if mode not in allowed:
+            raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(allowed)}, got {mode!r}")
+    return dict(models)
+
+
+def _rescue_settings(table: Mapping[str, Any]) -> RescueSettings:
+    """``[rescue]``; errors name the key."""
+    models = _modes(table, "rescue.models", RESCUE_MODES)
+    rest = {k: v for k, v in table.items() if k != "models"}
+    _check_keys(rest, _RESCUE_FIELDS, "rescue")
+    values = {k: _coerce(f"rescue.{k}", str(_RESCUE_FIELDS[k]), v) for k, v in rest.items()}
+    rescue = RescueSettings(models=models, **values)
+    if rescue.max_rescues < 1:
+        raise ConfigError("rescue.max_rescues", "must be at least 1")
+    if rescue.max_prefix_bytes < 1024:
+        raise ConfigError("rescue.max_prefix_bytes", "must be at least 1024")
+    if rescue.keepalive <= 0:
+        raise ConfigError("rescue.keepalive", "must be positive")
+    return rescue
 
 
 def _access_policy(

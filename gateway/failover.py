@@ -21,7 +21,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from breakers import STALLED_KIND, Cause
-from gateway import budgets, metrics
+from gateway import budgets, hedge, metrics
 from gateway.call import AttemptRecord, Call, Reply, StreamStart
 from gateway.errors import (
     PHRASES,
@@ -89,13 +89,19 @@ async def _walk(call: Call, routes: Sequence[Route[Provider]]) -> Reply | Stream
     loop = asyncio.get_running_loop()
     previous: AttemptRecord | None = None
     kept_reply: Reply | None = None  # a context_too_long answer, shown if nothing better
+    hedged: set[int] = set()  # routes a hedge has tried already
     for n, route in enumerate(routes):
+        if n in hedged:
+            continue
         if loop.time() >= call.deadline:
             break
         if previous is not None:
             _log_failover(call, previous, route.provider)
-        others = any(_usable(call, later) for later in routes[n + 1 :])
-        result = await _try_provider(call, route, others)
+        if call.stream and route.provider.hedge is not None:
+            result = await hedge.race(call, routes, n, hedged, _try_provider, _usable)
+        else:
+            others = any(_usable(call, later) for later in routes[n + 1 :])
+            result = await _try_provider(call, route, others)
         if isinstance(result, StreamStart):
             return result
         if isinstance(result, Reply):
@@ -410,6 +416,9 @@ async def _send(
             task.uncancel()
             detail = f"provider stalled: no byte for {waited:.1f}s"
             return Classified(Outcome.TIMEOUT, detail), None
+        if e.args == (hedge.LOST,):  # the request went elsewhere: not this provider's fault
+            task.uncancel()
+            return Classified(Outcome.CANCELLED, hedge.LOST), None
         _gave_up(call, provider, lease, waited, sent_at)
         raise
     finally:

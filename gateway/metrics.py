@@ -221,6 +221,26 @@ CACHE_BACKEND_UP = Gauge(
 )
 CACHE_RESULTS = ("hit", "miss", "coalesced", "bypass")
 
+STREAM_RESCUES = Counter(
+    "gateway_stream_rescues",
+    "Streams that failed after their first token and were restarted to rescue them, by "
+    "result: rescued (the restart reproduced what the client had, and went on), continued "
+    "(a prefill continuation went on), diverged (the restart said something else: the "
+    "stream ended as without rescue), failed (no restart got through the text sent), "
+    "skipped (not comparable, or longer than max_prefix_bytes)",
+    ["result"],
+)
+RESCUE_RESULTS = ("rescued", "continued", "diverged", "failed", "skipped")
+HEDGES = Counter(
+    "gateway_hedges",
+    "Hedged streams (the same request sent to the next provider too, the first token "
+    "coming late), by result: started, won (the hedge answered first), cancelled (the "
+    "first provider answered first and the hedge was cancelled), failed (the hedge got "
+    "no answer)",
+    ["result"],
+)
+HEDGE_RESULTS = ("started", "won", "cancelled", "failed")
+
 FAILOVER_POSITION = Gauge(
     "gateway_failover_position",
     "Each enabled provider's place in the failover order (1: the primary), from configuration",
@@ -335,3 +355,12 @@ def export_cache_series() -> None:
         CACHE_EVICTIONS.labels(reason)
     for op in ("get", "set"):
         CACHE_BACKEND_ERRORS.labels(op)
+
+
+def export_stream_series() -> None:
+    """Create the rescue and hedge series at zero, so that their rates and the rescue
+    success rate exist before the first one."""
+    for result in RESCUE_RESULTS:
+        STREAM_RESCUES.labels(result)
+    for result in HEDGE_RESULTS:
+        HEDGES.labels(result)

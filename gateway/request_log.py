@@ -17,13 +17,16 @@ import asyncio
 import logging
 import os
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from gateway import budgets, metrics
 from gateway.call import Call
 from gateway.errors import token_count
 from gateway.logsafe import escape
 from gateway.status import StatusRecorder
+
+if TYPE_CHECKING:
+    from gateway.rescue import Rescue
 
 log = logging.getLogger("gateway")
 
@@ -126,13 +129,16 @@ def finish(
         ttft = f"{first * 1000:.1f}"
     tokens = "-"
     usage = call.usage
+    # After a rescue the usage is that of the provider the stream came from last.
+    rescue = call.rescue
+    source = rescue.source.name if rescue is not None and rescue.source is not None else provider
     if isinstance(usage, dict):
         prompt = token_count(usage.get("prompt_tokens"))
         completion = token_count(usage.get("completion_tokens"))
         if prompt is not None:
-            metrics.TOKENS.labels(provider, "prompt").inc(prompt)
+            metrics.TOKENS.labels(source, "prompt").inc(prompt)
         if completion is not None:
-            metrics.TOKENS.labels(provider, "completion").inc(completion)
+            metrics.TOKENS.labels(source, "completion").inc(completion)
         if prompt is not None or completion is not None:
             tokens = f"{_or_dash(prompt)}/{_or_dash(completion)}"
     if call.cache:
@@ -151,8 +157,17 @@ def finish(
         f"request id={call.request_id} model={escape(call.model, 100)} stream={stream} "
         f"provider={provider} status={status} outcome={result or 'none'} "
         f"attempts={len(call.records)} chain={chain} latency_ms={elapsed * 1000:.1f} "
-        f"ttft_ms={ttft} tokens={tokens}{waiting}{_cache_fields(call)}{request_log.worker}"
+        f"ttft_ms={ttft} tokens={tokens}{waiting}{_cache_fields(call)}"
+        f"{_rescue_fields(rescue)}{request_log.worker}"
     )
+
+
+def _rescue_fields(rescue: Rescue | None) -> str:
+    """How many restarts a stream's rescue made, and who finished the stream."""
+    if rescue is None or not rescue.used:
+        return ""
+    by = f" rescued_by={rescue.source.name}" if rescue.source is not None else ""
+    return f" rescues={rescue.used}{by}"
 
 
 def _cache_fields(call: Call) -> str:

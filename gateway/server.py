@@ -14,7 +14,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from gateway import metrics, status
+from gateway import metrics, rescue, status
 from gateway.auth import CLIENT_KEY, SESSIONS, Sessions, auth_middleware
 from gateway.cache import Backend, Cache, MemoryBackend
 from gateway.cached import CachedAnswers
@@ -261,6 +261,10 @@ async def _answer(request: web.Request, call: Call) -> web.StreamResponse:
             quotas.admit(request.get(CLIENT_KEY), call)
         except GatewayError as e:
             return error_response(call, e)
+    try:
+        call.rescue = rescue.plan(request.headers, call, request.app[SETTINGS].rescue, routes)
+    except GatewayError as e:
+        return error_response(call, e)
     cached = request.app.get(CACHED)
     if cached is not None:
         resp = await cached.answer(request, call, routes)
@@ -392,6 +396,7 @@ def create_app(
             app[SHARING] = sharing
         app[PROVIDERS] = providers
         metrics.export_failover_order(list(providers))
+        metrics.export_stream_series()
         report = None
         if probes and (worker is None or worker.index == 0):  # one report per machine
             report = asyncio.create_task(log_after_first_probes(list(providers.values())))

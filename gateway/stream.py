@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -46,6 +47,7 @@ from gateway.errors import (
 from gateway.providers.base import BadAnswer, Translator
 from gateway.respond import SHUTDOWN_REASON, sse_headers
 from gateway.sse import DONE, DONE_EVENT, Event, SSEError, SSEParser, error_event
+from gateway.transcript import Transcript
 from gateway.upstream import Lease, Provider
 
 log = logging.getLogger("gateway")
@@ -87,6 +89,7 @@ class StreamState:
         "provider",
         "request_id",
         "seen",
+        "transcript",
         "usage",
     )
 
@@ -100,6 +103,9 @@ class StreamState:
         self.dropped = False  # a malformed event was left out after commit (never cached)
         self.failure: Classified | None = None
         self.usage: dict[str, Any] | None = None
+        # The text the client has, kept only for a stream that may be rescued
+        # (gateway.rescue); None costs nothing, and leaves the relay its fast path.
+        self.transcript: Transcript | None = None
 
     @property
     def complete(self) -> bool:
@@ -143,6 +149,12 @@ class StreamState:
                 return
             if isinstance(obj, dict):
                 self._note(obj)
+                if self.transcript is not None:
+                    instead = self.transcript.take(obj)
+                    if instead is not None:  # a rescue's stream, checked or rewritten
+                        if instead:
+                            out.append(instead)
+                        continue
             out.append(event.raw)
 
     def take_blocks(self, complete: bytes, blocks: list[bytes], out: list[bytes]) -> None:
@@ -210,6 +222,28 @@ class StreamState:
         if not self.output:
             detail = "stream ended before the first token"
         self.failure = Classified(Outcome.BAD_RESPONSE, detail)
+
+
+def judge_read(
+    state: StreamState,
+    parser: SSEParser,
+    feed: Callable[[bytes, bool], bytes] | None,
+    chunk: bytes,
+    out: list[bytes],
+) -> None:
+    """Judge one read of an upstream stream (``b""``: its end) into ``state``, the bytes
+    for the client appended to ``out``: through the translator's ``feed`` when there is
+    one, framed, every event taken (the exact path, without the relay's fast one)."""
+    try:
+        if chunk:
+            state.take(parser.feed(chunk if feed is None else feed(chunk, False)), out)
+        else:
+            if feed is not None:
+                state.take(parser.feed(feed(b"", True)), out)
+            state.take(parser.finish(), out)
+            state.end(out)
+    except SSEError as e:
+        state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
 
 
 def _plain(block: bytes) -> bool:
@@ -347,16 +381,7 @@ async def hold(
     while not state.output:
         chunk = await content.readany()
         provider.last_byte = loop.time()
-        try:
-            if chunk:
-                state.take(parser.feed(chunk if feed is None else feed(chunk, False)), held)
-            else:
-                if feed is not None:
-                    state.take(parser.feed(feed(b"", True)), held)
-                state.take(parser.finish(), held)
-                state.end(held)
-        except SSEError as e:
-            state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
+        judge_read(state, parser, feed, chunk, held)
         if state.failure is not None and not state.output:
             return state.failure, None
         held_bytes += len(chunk)
@@ -380,7 +405,6 @@ async def relay(
     ``prepare``, ``write`` and ``write_eof`` for every client of a shared call.
     """
     provider = start.provider
-    upstream = start.resp
     state = start.state
     call.answered_by = provider
     call.status = 200
@@ -399,7 +423,7 @@ async def relay(
             outcome = Outcome.OK
             call.result = Outcome.OK.value
         if state.done:
-            await _drain(upstream)
+            await _drain(start.resp)  # the rescue's stream, if one took over
     except _ClientStalled:
         # It stopped reading: its connection is dropped (no write could reach it) and the
         # upstream generation stops; the provider did nothing wrong.
@@ -427,7 +451,7 @@ async def relay(
     finally:
         call.usage = state.usage
         start.lease.finish(outcome, detail)
-        upstream.close()  # a no-op when the body was read to its end (back in the pool)
+        start.resp.close()  # a no-op when the body was read to its end (back in the pool)
     return resp
 
 
@@ -471,9 +495,29 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
     deadline = stream_deadline(call, settings)
     watchdog = _Watchdog(provider.config.idle_timeout, deadline)
     parts = start.held
+    rescue = call.rescue
+    if rescue is not None:
+        rescue.begin(state, parts)  # from here on the stream state keeps the text sent
+    fast = rescue is None
     try:
         while True:
             failure = state.failure
+            if failure is not None and rescue is not None:
+                if parts:  # what came before the failure is the client's, and in the transcript
+                    await _write(resp, b"".join(parts), watchdog, settings.send_timeout, call)
+                    parts = []
+
+                def keepalive(data: bytes) -> Awaitable[None]:
+                    return _write(resp, data, watchdog, settings.send_timeout, call)
+
+                if await rescue.resume(call, start, deadline, keepalive):
+                    provider = start.provider  # the rescue's stream goes on from here
+                    parser, feed, content = start.parser, start.feed, start.resp.content
+                    watchdog.idle = provider.config.idle_timeout
+                    parts = start.held
+                    continue
+                failure = state.failure  # the stream ends as it would have without rescue
+                rescue = None
             if failure is not None:
                 detail = provider.redact.text(failure.detail)
                 message = f"{provider.display_name} stream failed after the first token: {detail}"
@@ -506,20 +550,17 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
             call.waited += time.perf_counter() - t0
             if state.failure is not None:
                 continue
+            if not chunk:  # the end of the body
+                judge_read(state, parser, feed, chunk, parts)
+                continue
             try:
-                if chunk:
-                    if feed is not None:
-                        chunk = feed(chunk, False)
-                    framed = parser.feed_lf(chunk)
-                    if framed is None:
-                        state.take(parser.feed(chunk), parts)
-                    else:
-                        state.take_blocks(framed[0], framed[1], parts)
+                if feed is not None:
+                    chunk = feed(chunk, False)
+                framed = parser.feed_lf(chunk) if fast else None
+                if framed is None:
+                    state.take(parser.feed(chunk), parts)
                 else:
-                    if feed is not None:
-                        state.take(parser.feed(feed(b"", True)), parts)
-                    state.take(parser.finish(), parts)
-                    state.end(parts)
+                    state.take_blocks(framed[0], framed[1], parts)
             except SSEError as e:
                 state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
     finally:

@@ -22,6 +22,7 @@ from gateway import metrics
 from gateway.budgets import Budget
 from gateway.config import ProviderConfig, Settings
 from gateway.errors import POLICY, BreakerEffect, Outcome
+from gateway.hedge import Hedge
 from gateway.limits import Limiter, share_of
 from gateway.providers import Dialect
 from gateway.redact import Redactor
@@ -152,6 +153,9 @@ class Provider:
         self.limiter = Limiter(
             share_of(config.max_concurrency, self.workers), config.max_queue, self.budget
         )
+        # Streams slow to start are hedged on the next provider (opt-in: hedge_after).
+        after = config.hedge_after
+        self.hedge = Hedge(after) if after is not None else None
         self.inflight_gauge = metrics.INFLIGHT.labels(self.name)  # looked up once
         metrics.gauge_function(metrics.QUEUE_DEPTH.labels(self.name), lambda: self.limiter.queued)
         self.session: aiohttp.ClientSession | None = None

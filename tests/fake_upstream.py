@@ -57,6 +57,9 @@ class Behaviour:
     usage: dict[str, Any] | None = None  # replaces the usage block of a plain answer
     location: str = ""  # for kind "redirect"
     repeat_names: bool = False  # kind "tool": every delta repeats its id and name (llama.cpp)
+    words: tuple[str, ...] = ()  # the content pieces, cycled (default: WORDS)
+    args: tuple[str, ...] = ()  # kind "tool": the argument pieces (default: TOOL_ARGS)
+    cut_after: int | None = None  # kind "tool": drop the connection after this many pieces
 
 
 def ok(**kw: Any) -> Behaviour:
@@ -261,9 +264,11 @@ def chunk(
     indexes: tuple[int, ...] = (0,),
     legacy: bool = False,
     error_null: bool = False,
+    ident: dict[str, Any] | None = None,
 ) -> bytes:
     """One chat.completion.chunk event as OpenAI frames it (``legacy``: a text_completion
-    chunk), with a choice for each of ``indexes``; ``content`` goes in delta ``field``."""
+    chunk), with a choice for each of ``indexes``; ``content`` goes in delta ``field``;
+    ``ident`` replaces its ``id``, ``model`` or ``created``."""
     choices = []
     for index in indexes:
         if legacy:
@@ -288,6 +293,8 @@ def chunk(
     }
     if error_null:
         body["error"] = None
+    if ident:
+        body.update(ident)
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
@@ -343,6 +350,12 @@ class FakeUpstream:
         self._server: asyncio.Server | None = None
         self.port = 0
         self.text = "".join(WORDS)
+        # Its streams' chunk id, model and created, when set (e.g. {"id": "chatcmpl-b"}).
+        self.ident: dict[str, Any] | None = None
+        # A chat request whose last message is the assistant's (a prefill): "reject" it
+        # with a 400 about the last message, as Mistral does; "continue" the answer from
+        # there, as Anthropic and llama.cpp do; None: answer as usual.
+        self.prefill: str | None = None
         # Its own rate limit (0: none): rpm / 60 requests a second, one second's worth (at
         # least 1) at a time; a request past it gets 429 and is counted in ``refused``.
         self.rpm = 0.0
@@ -435,6 +448,15 @@ class FakeUpstream:
             self.refused += 1
             return await self._answer(request, body, rate_limited())
         b = self.script.popleft() if self.script else self.default
+        if self.prefill == "reject" and _prefilled(body) is not None:
+            b = openai_error(
+                400,
+                "Expected last role User or Tool (or Assistant with prefix True) for "
+                "serving but got assistant",
+                "invalid_request_error",
+                None,
+                "messages",
+            )
         try:
             return await self._answer(request, body, b)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -497,13 +519,32 @@ class FakeUpstream:
             )
         options = body.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
-        return await self._stream(request, b, legacy, usage)
+        start = self._continued(body, b) if self.prefill == "continue" else 0
+        return await self._stream(request, b, legacy, usage, start)
+
+    def _continued(self, body: dict[str, Any], b: Behaviour) -> int:
+        """How many content pieces a prefilled answer already has (0 without a prefill)."""
+        partial = _prefilled(body)
+        if not partial:
+            return 0
+        text = ""
+        for i in range(b.tokens):
+            text += self._piece(b, i)
+            if text == partial:
+                return i + 1
+        raise AssertionError(f"the prefill is not a prefix of the answer: {partial!r}")
 
     async def _stream(
-        self, request: web.Request, b: Behaviour, legacy: bool, usage: bool = False
+        self,
+        request: web.Request,
+        b: Behaviour,
+        legacy: bool,
+        usage: bool = False,
+        start: int = 0,
     ) -> web.StreamResponse:
-        """A stream; with ``usage`` (``stream_options.include_usage``) a usage-only chunk
-        precedes ``[DONE]``, as OpenAI sends it."""
+        """A stream (from content piece ``start`` on); with ``usage``
+        (``stream_options.include_usage``) a usage-only chunk precedes ``[DONE]``, as
+        OpenAI sends it."""
         resp = web.StreamResponse(headers={"Content-Type": b.content_type})
         await resp.prepare(request)
         sent = bytearray()
@@ -517,8 +558,11 @@ class FakeUpstream:
         indexes = tuple(range(b.n))
         live = tuple(i for i in indexes if i != b.cut_choice)
         shape = {"field": b.field, "legacy": legacy, "error_null": b.error_null}
+        shape["ident"] = self.ident
         if b.role_chunk and not legacy:
-            await write(chunk(role=True, indexes=indexes, error_null=b.error_null))
+            await write(
+                chunk(role=True, indexes=indexes, error_null=b.error_null, ident=self.ident)
+            )
         if b.kind == "raw_sse":
             await write(b.raw)
             return resp
@@ -526,9 +570,9 @@ class FakeUpstream:
             await asyncio.sleep(b.delay)
         if b.big:
             await write(chunk("x" * b.big, indexes=indexes, **shape))
-        for i in range(b.tokens):
+        for i in range(start, b.tokens):
             last = i == b.tokens - 1
-            piece = self._piece(b.field, i)
+            piece = self._piece(b, i)
             if last and b.finish_on_last and b.finish:
                 if live:
                     await write(chunk(piece, "stop", indexes=live, **shape))
@@ -536,7 +580,7 @@ class FakeUpstream:
                     await write(chunk(piece, indexes=(b.cut_choice,), **shape))
             else:
                 await write(chunk(piece, indexes=indexes, **shape))
-            if i == 0 and b.midway is not None:
+            if i == start and b.midway is not None:
                 async with asyncio.timeout(30):  # bounded, like the gate
                     await b.midway.wait()
             if b.chunk_delay:
@@ -550,7 +594,7 @@ class FakeUpstream:
         if b.finish and not (b.finish_on_last and b.tokens) and live:
             await write(chunk(finish="stop", indexes=live, **shape))
         if usage:
-            last = orjson.loads(chunk(indexes=())[6:])
+            last = orjson.loads(chunk(indexes=(), ident=self.ident)[6:])
             last["usage"] = completion("", "")["usage"]
             await write(b"data: " + orjson.dumps(last) + b"\n\n")
         if b.done:
@@ -575,15 +619,23 @@ class FakeUpstream:
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        parts = [chunk(role=True)]
-        for i, piece in enumerate(("", *TOOL_ARGS)):
+        ident = self.ident
+        parts = [chunk(role=True, ident=ident)]
+        for i, piece in enumerate(("", *(b.args or TOOL_ARGS))):
             first = {"index": 0, **call} if i == 0 or b.repeat_names else {"index": 0}
             delta = [{**first, "function": {**first.get("function", {}), "arguments": piece}}]
-            parts.append(chunk(delta, field="tool_calls"))
-        parts += [chunk(finish="tool_calls"), b"data: [DONE]\n\n"]
+            parts.append(chunk(delta, field="tool_calls", ident=ident))
+        if b.cut_after is not None:  # the role chunk, then that many pieces
+            del parts[b.cut_after + 1 :]
+        else:
+            parts += [chunk(finish="tool_calls", ident=ident), b"data: [DONE]\n\n"]
         self.sent.append(b"".join(parts))
         for part in parts:
             await resp.write(part)
+        if b.cut_after is not None:
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)
         return resp
 
     def _within_rpm(self) -> bool:
@@ -603,11 +655,12 @@ class FakeUpstream:
         return True
 
     @staticmethod
-    def _piece(field: str, i: int) -> Any:
-        """The ``i``-th piece of output for delta ``field``."""
-        if field == "content":
-            return WORDS[i % len(WORDS)]
-        return OUTPUT_FIELDS[field]
+    def _piece(b: Behaviour, i: int) -> Any:
+        """The ``i``-th piece of output for delta ``b.field``."""
+        if b.field == "content":
+            words = b.words or WORDS
+            return words[i % len(words)]
+        return OUTPUT_FIELDS[b.field]
 
 
 async def _endless(request: web.Request, b: Behaviour) -> web.StreamResponse:
@@ -660,6 +713,16 @@ async def _echo_key_event(request: web.Request, b: Behaviour) -> web.StreamRespo
     error = {"message": _quoted_key(request), "type": "server_error", "code": None}
     await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
     return resp
+
+
+def _prefilled(body: dict[str, Any]) -> str | None:
+    """The partial answer a chat request prefills (its last message the assistant's)."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        last = messages[-1]
+        if last.get("role") == "assistant" and isinstance(last.get("content"), str):
+            return last["content"]
+    return None
 
 
 _HOSTILE = {

@@ -1,7 +1,7 @@
 """Fault-injection conformance: one test per scenario, and the README table they prove.
 
 Each scenario scripts the primary provider (OpenAI's place) with one fault, the fallback
-(LM Studio's place) answers normally, and the test asserts what the client sees, who
+(LM Studio's place) answers normally (or, in a rescue row, answers the restarted request), and the test asserts what the client sees, who
 answered, the attempts, the primary's breaker and the metric that counts it. The README's
 "Failure behaviour" table is rendered from :data:`SCENARIOS`; ``python -m
 tests.test_conformance`` prints it.
@@ -26,6 +26,9 @@ from tests.test_streaming import read_stream, text_of
 FALLBACK = "full answer from the fallback"
 PARTIAL = "partial answer, then one error event, no `[DONE]`"
 COMPLETE = "full answer from the primary"
+RESCUED = (
+    "full answer: the primary's tokens, then the rest of the fallback's (verified), one `[DONE]`"
+)
 AS_IS = "the upstream's own error, as is"
 
 
@@ -42,13 +45,19 @@ class Scenario:
     text: bool = True  # the answer has content text (an empty answer, or only reasoning, not)
     fallback: Callable[[], fu.Behaviour] | None = None  # the fallback's own fault, if any
     hung: bool = False  # the primary's model list hangs too (probes run)
+    # With x-gateway-rescue: on, what the fallback answers the restarted request with.
+    rescue: Callable[[], fu.Behaviour] | None = None
 
     @property
     def provider(self) -> str:
+        if self.rescue is not None:  # the headers went out with the primary's first token
+            return "openai"
         return "lmstudio" if self.sees == FALLBACK or self.fallback else "openai"
 
     @property
     def attempts(self) -> int:
+        if self.rescue is not None:
+            return 1
         return 2 if self.sees == FALLBACK or self.fallback else 1
 
 
@@ -58,6 +67,14 @@ def attempts_metric(outcome: str) -> tuple[str, dict[str, str]]:
 
 def cut_metric(reason: str) -> tuple[str, dict[str, str]]:
     return "gateway_stream_interruptions_total", {"provider": "openai", "reason": reason}
+
+
+def rescue_metric(result: str) -> tuple[str, dict[str, str]]:
+    return "gateway_stream_rescues_total", {"result": result}
+
+
+def other_answer() -> fu.Behaviour:
+    return fu.stream(words=("Something", " else", " entirely", "."))
 
 
 def opened_metric() -> tuple[str, dict[str, str]]:
@@ -102,6 +119,8 @@ SCENARIOS = [
     Scenario("malformed chunk before the first token", lambda: fu.sse(b"data: {not json\n\n"), True, FALLBACK, attempts_metric("bad_response")),
     Scenario("wrong `Content-Length` (body cut short)", fu.wrong_length, False, FALLBACK, attempts_metric("unreachable")),
     Scenario("stream cut after 3 tokens", lambda: fu.drop_after(3), True, PARTIAL, cut_metric("unreachable")),
+    Scenario("stream cut after 3 tokens, rescue on, the fallback reproduces them", lambda: fu.drop_after(3), True, RESCUED, rescue_metric("rescued"), rescue=fu.stream),
+    Scenario("stream cut after 3 tokens, rescue on, the fallback answers otherwise", lambda: fu.drop_after(3), True, PARTIAL, rescue_metric("diverged"), rescue=other_answer),
     Scenario("stream stalls after 3 tokens", lambda: fu.stall_after(3), True, PARTIAL, cut_metric("timeout"), overrides=FAST_TIMEOUTS),
     Scenario("stream ends without `finish_reason`", lambda: fu.stream(finish=False, done=False), True, PARTIAL, cut_metric("bad_response")),
     Scenario("`[DONE]` before any `finish_reason` (an interrupted server)", lambda: fu.sse(fu.chunk("Hi") + b"data: [DONE]\n\n"), True, PARTIAL, cut_metric("bad_response")),
@@ -135,6 +154,8 @@ async def test_scenario(s: Scenario, gateway, upstreams, refused_url):
     b = await upstreams("b")
     if s.fallback is not None:
         b.default = s.fallback()
+    if s.rescue is not None:
+        b.default = s.rescue()
     if s.fault is None:
         primary: Any = refused_url
     else:
@@ -153,7 +174,8 @@ async def test_scenario(s: Scenario, gateway, upstreams, refused_url):
         **probes,
     )
     before = metric(*s.metric)
-    resp = await client.post("/v1/chat/completions", json=chat(stream=s.stream))
+    headers = {"x-gateway-rescue": "on"} if s.rescue is not None else {}
+    resp = await client.post("/v1/chat/completions", json=chat(stream=s.stream), headers=headers)
     assert resp.status == s.status
     assert resp.headers["x-gateway-provider"] == s.provider
     assert resp.headers["x-gateway-attempts"] == str(s.attempts)
@@ -171,6 +193,9 @@ async def test_scenario(s: Scenario, gateway, upstreams, refused_url):
             assert done
             assert not any(d.get("error") is not None for d in datas)
             assert bool(text_of(datas)) is s.text
+            if s.sees == RESCUED:
+                assert text_of(datas) == b.text
+                assert len(b.requests) == 1
     else:
         body = orjson.loads(await resp.read())
         assert body["choices"][0]["message"]["content"] == b.text

@@ -426,8 +426,10 @@ async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2:
     """Failovers of every kind, plus the cases some panels need (queueing, a cut...)."""
     url = f"{base}/v1/chat/completions"
 
-    async def post(body: dict[str, Any], status: int = 200, key: str = CLIENT_KEY) -> bytes:
-        headers = {"Authorization": f"Bearer {key}"}
+    async def post(
+        body: dict[str, Any], status: int = 200, key: str = CLIENT_KEY, **more: str
+    ) -> bytes:
+        headers = {"Authorization": f"Bearer {key}", **more}
         async with session.post(url, json=body, headers=headers) as resp:
             data = await resp.read()
             assert resp.status == status, data
@@ -447,6 +449,10 @@ async def send_traffic(session: aiohttp.ClientSession, base: str, up1: Any, up2:
     up1.then(drop_after(2))  # cut after the first token
     assert b"stream_interrupted" in await post(chat(stream=True))
     await post(chat())
+    up1.then(drop_after(2))  # cut again, and rescued: LM Studio reproduces the two tokens
+    assert b"data: [DONE]" in await post(chat(stream=True), **{"x-gateway-rescue": "on"})
+    up1.then(stream(delay=5))  # a late first token: hedged on LM Studio, which wins
+    await post(chat(stream=True))
     bad = chunk("Hi") + b"data: {oops\n\n" + chunk(finish="stop") + b"data: [DONE]\n\n"
     up1.then(sse(bad))  # an event dropped after commit
     await post(chat(stream=True))
@@ -507,6 +513,7 @@ async def test_dashboard_and_alert_queries_against_real_prometheus(upstreams, tm
             max_retries=0,
             reset_timeout=1.0,
             per={
+                "openai": {"hedge_after": 0.3},
                 "lmstudio": {"max_concurrency": 1, "max_queue_wait": 2.0},
                 "ollama": {"fail_max": 1},
             },
