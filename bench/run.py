@@ -812,25 +812,35 @@ async def _start(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> Targ
     if args.profile:
         gw_argv = [py, "-m", "cProfile", "-o", args.profile, "-m", "gateway"]
     level = args.gateway_log_level
-    # name, first provider, command, log level, event loop, listen backlog
+    # name, first provider, command, log level, event loop, listen backlog, source tree
+    src = Path(args.gateway_src) if args.gateway_src else ROOT
     gateways = [
-        ("gateway", f"{up}/v1", gw_argv, level, "asyncio", 1024),
-        ("failover", f"{up}/429/v1", [py, "-m", "gateway"], level, "asyncio", 1024),
+        ("gateway", f"{up}/v1", gw_argv, level, "asyncio", 1024, src),
+        ("failover", f"{up}/429/v1", [py, "-m", "gateway"], level, "asyncio", 1024, src),
     ]
+    if args.baseline:
+        # The same two routes from another commit's code, measured in the same rounds.
+        old = Path(args.baseline)
+        gateways.append(
+            ("baseline", f"{up}/v1", [py, "-m", "gateway"], level, "asyncio", 1024, old)
+        )
+        gateways.append(
+            ("fo-base", f"{up}/429/v1", [py, "-m", "gateway"], level, "asyncio", 1024, old)
+        )
     if args.variants:
-        gateways.append(("gw-warn", f"{up}/v1", [py, "-m", "gateway"], "WARNING", "asyncio", 1024))
+        warn = ("gw-warn", f"{up}/v1", [py, "-m", "gateway"], "WARNING", "asyncio", 1024, src)
+        gateways.append(warn)
         if importlib.util.find_spec("uvloop") is not None:
-            gateways.append(("gw-uvloop", f"{up}/v1", [py, "-m", "gateway"], level, "uvloop", 1024))
+            uv = ("gw-uvloop", f"{up}/v1", [py, "-m", "gateway"], level, "uvloop", 1024, src)
+            gateways.append(uv)
         else:
             print("uvloop not installed: no gw-uvloop column (pip install uvloop)", file=sys.stderr)
         # aiohttp's default backlog, for the burst of new connections only
-        gateways.append(("gw-b128", f"{up}/v1", [py, "-m", "gateway"], level, "asyncio", 128))
-    for name, first, argv, log_level, loop_kind, backlog in gateways:
+        gateways.append(("gw-b128", f"{up}/v1", [py, "-m", "gateway"], level, "asyncio", 128, src))
+    for name, first, argv, log_level, loop_kind, backlog, cwd in gateways:
         port = free_port()
         env = gateway_env(port, first, f"{up}/v1", config, log_level, loop_kind, backlog)
-        cwd = ROOT
-        if args.gateway_src:
-            cwd = Path(args.gateway_src)
+        if cwd != ROOT:
             env["PYTHONPATH"] = str(cwd)  # before the editable install of the work tree
         proc = spawn(name, argv, tmp, env, cwd)
         procs.append(proc)
@@ -869,7 +879,7 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
     if args.wait_quiet > 0:
         await wait_quiet(targets, args.wait_quiet)
     names = [
-        n for n in ("direct", "nginx", "aiohttp", "gateway", "gw-warn", "gw-uvloop")
+        n for n in ("direct", "nginx", "aiohttp", "gateway", "baseline", "gw-warn", "gw-uvloop")
         if n in targets.urls
     ]  # fmt: skip
     n_req, n_stream, cap = args.requests, args.streams, args.time_cap
@@ -877,8 +887,9 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
     stream = {**CHAT, "stream": True, "bench_chunks": args.chunks}
     paced = {**stream, "bench_interval_ms": PACED_MS}
 
-    print(f"warming up: {', '.join([*names, 'failover'])}", file=sys.stderr, flush=True)
-    for name in [*names, "failover"]:
+    fo = [n for n in ("gateway", "failover", "baseline", "fo-base") if n in targets.urls]
+    print(f"warming up: {', '.join(dict.fromkeys([*names, *fo]))}", file=sys.stderr, flush=True)
+    for name in dict.fromkeys([*names, *fo]):
         url = targets.urls[name]
         await measure(name, url, plain, n=0, concurrency=8, cap=cap, cpu=None, warm=400)
         await measure(name, url, stream, n=0, concurrency=8, cap=cap, cpu=None, warm=100)
@@ -891,7 +902,6 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
     r["pc50"] = await phase(
         f"paced {PACED_MS:g} ms c=50", names, targets, paced, max(50, n_stream // 2), 50, cap
     )
-    fo = ["gateway", "failover"]
     r["fo1"] = await phase("failover c=1", fo, targets, plain, n_req, 1, cap)
     r["fo50"] = await phase("failover c=50", fo, targets, plain, 2 * n_req, 50, cap)
     r["fos1"] = await phase("failover streaming c=1", fo, targets, stream, n_stream, 1, cap)
@@ -908,6 +918,7 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dict[s
         "aiohttp": aiohttp.__version__,
         "nginx": _nginx_version() if "nginx" in names else None,
         "gateway_commit": args.gateway_src or _git_commit(),
+        "baseline": args.baseline,
         "chunks": args.chunks,
         "requests": n_req,
         "streams": n_stream,
@@ -1042,6 +1053,8 @@ def render(
         "Columns: value, and in brackets what it adds to 'direct' (the fake upstream called "
         "without a proxy).",
     ]
+    if meta.get("baseline"):
+        head.append(f"'baseline': the gateway from {meta['baseline']}, in the same rounds.")
     if meta["profiled"]:
         head.append("THE GATEWAY RAN UNDER cProfile: its numbers are not representative.")
 
@@ -1099,6 +1112,9 @@ def render(
             label = "back to back" if key == "st50" else "paced"
             marginal.append(f"{label} {(a - b) * 1000 / (s.events / s.ok):.1f} us")
 
+    pairs = [("gateway", "failover")]
+    if "baseline" in names:
+        pairs.append(("baseline", "fo-base"))
     fo = []
     for label, key, metric, limit, digits in (
         ("c=1  latency p50 (ms)", "fo1", Result.p50, T_FAILOVER_MS, 3),
@@ -1110,22 +1126,22 @@ def render(
         ("c=50 CPU per request (ms) *", "fo50", Result.cpu_per_request_ms, None, 3),
         ("stream c=1 TTFT p50 (ms)", "fos1", Result.ttft50, None, 3),
     ):
-        a, b = metric(r[key]["gateway"]), metric(r[key]["failover"])
-        d = b - a if a is not None and b is not None else None
+        cells, deltas = [label], []
+        for plain, moved in pairs:
+            a, b = metric(r[key][plain]), metric(r[key][moved])
+            deltas.append(b - a if a is not None and b is not None else None)
+            cells += [fmt(a, digits), fmt(b, digits), signed(deltas[-1], digits)]
         goal = f"<= {limit:g}" if limit is not None else ""
-        check = verdict(d, limit) if limit is not None else ""
-        fo.append([label, fmt(a, digits), fmt(b, digits), signed(d, digits), goal, check])
-    plain_fo, moved = r["fo1"]["gateway"], r["fo1"]["failover"]
-    fo.append(
-        [
-            "answers with x-gateway-failover: true",
-            f"{plain_fo.failovers}/{plain_fo.ok}",
-            f"{moved.failovers}/{moved.ok}",
-            "",
-            "",
-            "",
-        ]
-    )
+        check = verdict(deltas[0], limit) if limit is not None else ""
+        fo.append([*cells, goal, check])
+    counts = ["answers with x-gateway-failover: true"]
+    for plain, moved in pairs:
+        a, b = r["fo1"][plain], r["fo1"][moved]
+        counts += [f"{a.failovers}/{a.ok}", f"{b.failovers}/{b.ok}", ""]
+    fo.append([*counts, "", ""])
+    fo_header = ["", "plain", "429 -> next", "difference"]
+    if len(pairs) > 1:
+        fo_header += ["baseline plain", "429 -> next", "difference"]
 
     memory = [
         [
@@ -1175,7 +1191,7 @@ def render(
         "",
         table(
             "Failover: plain route vs first provider answering 429 -> second provider",
-            ["", "plain", "429 -> next", "difference", "target", ""],
+            [*fo_header, "target", ""],
             fo,
         ),
         "",
@@ -1273,6 +1289,11 @@ def main(argv: list[str] | None = None) -> None:
         "git archive COMMIT gateway breakers | tar -x -C DIR",
     )  # fmt: skip
     parser.add_argument(
+        "--baseline", metavar="DIR",
+        help="also run the gateway from DIR (another commit: git archive COMMIT gateway "
+        "breakers | tar -x -C DIR) as 'baseline', in the same rounds",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-variants", dest="variants", action="store_false",
         help="leave out the gateway at WARNING, under uvloop and with a 128 backlog",
     )  # fmt: skip
@@ -1293,10 +1314,13 @@ def main(argv: list[str] | None = None) -> None:
         args.time_cap = min(args.time_cap, 10.0)
     if args.profile:
         args.profile = os.path.abspath(args.profile)
-    if args.gateway_src:
-        args.gateway_src = os.path.abspath(args.gateway_src)
-        if not os.path.isfile(os.path.join(args.gateway_src, "gateway", "__main__.py")):
-            parser.error(f"--gateway-src: no gateway/__main__.py in {args.gateway_src}")
+    for option in ("gateway_src", "baseline"):
+        tree = getattr(args, option)
+        if tree:
+            setattr(args, option, os.path.abspath(tree))
+            if not os.path.isfile(os.path.join(tree, "gateway", "__main__.py")):
+                flag = "--" + option.replace("_", "-")
+                parser.error(f"{flag}: no gateway/__main__.py in {tree}")
     if min(args.requests, args.streams, args.chunks, args.rounds) < 1 or args.time_cap <= 0:
         parser.error("--requests, --streams, --chunks, --rounds and --time-cap must be positive")
     raise_fd_limit()

@@ -566,12 +566,14 @@ async def direct_stream(
 
 #: A generation that outlasts a test, so a fault always lands mid-stream.
 LONG = {"max_tokens": 400, "extra_body": {"min_tokens": 400}}
+LONG_PROMPT = [{"role": "user", "content": "Tell a long story about the sea."}]
 
 
 async def stream_with_fault(
-    sdk: openai.AsyncOpenAI, fault: Callable[[], Awaitable[None]]
+    sdk: openai.AsyncOpenAI, fault: Callable[[], Awaitable[None]], **extra: Any
 ) -> tuple[list[str], str | None, openai.APIError | None]:
-    """A long stream through the gateway; ``fault`` runs once 3 tokens have arrived.
+    """A long stream through the gateway (``extra``: more arguments to ``create``, such
+    as ``extra_headers``); ``fault`` runs once 3 tokens have arrived.
 
     Returns the text pieces received, the last ``finish_reason`` seen, and the error the
     SDK raised when the stream ended with an error event (None if it ended cleanly).
@@ -581,10 +583,11 @@ async def stream_with_fault(
     error = None
     raw = await sdk.chat.completions.with_raw_response.create(
         model="gemma",
-        messages=[{"role": "user", "content": "Tell a long story about the sea."}],
+        messages=LONG_PROMPT,
         stream=True,
         temperature=0.0,
         **LONG,
+        **extra,
     )
     assert raw.headers["x-gateway-provider"] == "lmstudio"
     async with raw.parse() as stream:

@@ -77,3 +77,26 @@ async def test_cut_after_first_token_ends_with_error_event(flaky, fallback, real
     assert error is not None, "a truncated stream was presented as complete"
     assert isinstance(error.body, dict)
     assert error.body.get("code") == "stream_interrupted"
+
+
+async def test_cut_after_first_token_is_rescued_by_the_same_model_elsewhere(
+    flaky, fallback, real_gateway, direct
+):
+    """With rescue on, the cut stream is restarted on the fallback (the same model,
+    temperature 0): its text reproduces what the client has, and the client reads one
+    whole answer with no error.
+
+    The whole text is not compared with a second answer of the fallback's: llama.cpp
+    itself answers the same request otherwise once the prompt is in its cache (measured:
+    two identical requests in a row to one server part after 30 characters here), which
+    is why a rescue verifies instead of trusting."""
+    gw = await real_gateway(flaky, fallback, providers=QUIET_PROBES)
+    rescued = await gw.metric("gateway_stream_rescues_total", result="rescued")
+    async with gw.sdk() as sdk:
+        received, finish, error = await stream_with_fault(
+            sdk, lambda: cut(direct, flaky), extra_headers={"x-gateway-rescue": "on"}
+        )
+    assert error is None, f"the rescue failed: {error}"
+    assert finish == "length"  # all 400 tokens: the fallback finished the answer
+    assert len([t for t in received if t]) > 3  # more than the primary sent before its cut
+    assert await gw.metric("gateway_stream_rescues_total", result="rescued") == rescued + 1
