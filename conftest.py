@@ -1,4 +1,4 @@
-"""Repository-wide pytest hooks: strict mode for CI.
+"""Repository-wide pytest hooks: strict mode for CI, and where xdist runs what.
 
 Suites whose tools are missing (the real llama.cpp end-to-end tests, the real Prometheus,
 the Compose binary, openssl) skip with the install command, so that a developer's plain
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from typing import Any
 
 import pytest
 
@@ -53,3 +54,24 @@ def pytest_make_collect_report(
     if report.skipped and strict():
         _fail(report)
     return report
+
+
+#: Node ids of the end-to-end tests: real llama.cpp servers, started once per worker.
+E2E_PREFIX = "tests/e2e/"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist, every end-to-end test goes to one worker, so that their llama.cpp
+    servers start once and two never compete with two more; any other test is a unit of its
+    own, spread as ``--dist load`` would.
+
+    Not ``xdist_group`` with ``--dist loadgroup``: with pytest 9.2 that grouping silently
+    does nothing (pytest-xdist issue 1386), and both workers started their own servers."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class E2ETogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "e2e" if nodeid.startswith(E2E_PREFIX) else nodeid
+
+    return E2ETogether(config, log)

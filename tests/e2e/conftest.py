@@ -565,15 +565,18 @@ async def direct_stream(
 
 
 #: A generation that outlasts a test, so a fault always lands mid-stream.
-LONG = {"max_tokens": 400, "extra_body": {"min_tokens": 400}}
+LONG_TOKENS = 400
 LONG_PROMPT = [{"role": "user", "content": "Tell a long story about the sea."}]
 
 
 async def stream_with_fault(
-    sdk: openai.AsyncOpenAI, fault: Callable[[], Awaitable[None]], **extra: Any
+    sdk: openai.AsyncOpenAI,
+    fault: Callable[[], Awaitable[None]],
+    tokens: int = LONG_TOKENS,
+    **extra: Any,
 ) -> tuple[list[str], str | None, openai.APIError | None]:
-    """A long stream through the gateway (``extra``: more arguments to ``create``, such
-    as ``extra_headers``); ``fault`` runs once 3 tokens have arrived.
+    """A stream of ``tokens`` tokens through the gateway (``extra``: more arguments to
+    ``create``, such as ``extra_headers``); ``fault`` runs once 3 tokens have arrived.
 
     Returns the text pieces received, the last ``finish_reason`` seen, and the error the
     SDK raised when the stream ended with an error event (None if it ended cleanly).
@@ -586,7 +589,8 @@ async def stream_with_fault(
         messages=LONG_PROMPT,
         stream=True,
         temperature=0.0,
-        **LONG,
+        max_tokens=tokens,
+        extra_body={"min_tokens": tokens},
         **extra,
     )
     assert raw.headers["x-gateway-provider"] == "lmstudio"
@@ -604,11 +608,3 @@ async def stream_with_fault(
         except openai.APIError as e:
             error = e
     return received, finish, error
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, every end-to-end test runs in the same worker: the real
-    llama.cpp servers start once, and two of them never compete with two more."""
-    for item in items:
-        if "tests/e2e/" in str(item.path):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
