@@ -233,10 +233,21 @@ def judge_read(
 ) -> None:
     """Judge one read of an upstream stream (``b""``: its end) into ``state``, the bytes
     for the client appended to ``out``: through the translator's ``feed`` when there is
-    one, framed, every event taken (the exact path, without the relay's fast one)."""
+    one, then framed.
+
+    The events go through :meth:`StreamState.take_blocks` (plain content chunks after
+    commit pass as runs of bytes) unless the state keeps a transcript for a rescue, which
+    needs every event as an object. Held or relayed alike: a stream written back to back
+    often arrives whole while it is still held before commit."""
     try:
         if chunk:
-            state.take(parser.feed(chunk if feed is None else feed(chunk, False)), out)
+            if feed is not None:
+                chunk = feed(chunk, False)
+            framed = parser.feed_lf(chunk) if state.transcript is None else None
+            if framed is None:
+                state.take(parser.feed(chunk), out)
+            else:
+                state.take_blocks(framed[0], framed[1], out)
         else:
             if feed is not None:
                 state.take(parser.feed(feed(b"", True)), out)
@@ -498,7 +509,6 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
     rescue = call.rescue
     if rescue is not None:
         rescue.begin(state, parts)  # from here on the stream state keeps the text sent
-    fast = rescue is None
     try:
         while True:
             failure = state.failure
@@ -548,21 +558,8 @@ async def _pipe(resp: web.StreamResponse, call: Call, start: StreamStart) -> Non
                     state.fail(classify_exception(e))
                 watchdog.since = None
             call.waited += time.perf_counter() - t0
-            if state.failure is not None:
-                continue
-            if not chunk:  # the end of the body
-                judge_read(state, parser, feed, chunk, parts)
-                continue
-            try:
-                if feed is not None:
-                    chunk = feed(chunk, False)
-                framed = parser.feed_lf(chunk) if fast else None
-                if framed is None:
-                    state.take(parser.feed(chunk), parts)
-                else:
-                    state.take_blocks(framed[0], framed[1], parts)
-            except SSEError as e:
-                state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
+            if state.failure is None:
+                judge_read(state, parser, feed, chunk, parts)  # b"": the end of the body
     finally:
         watchdog.cancel()
 

@@ -1,4 +1,6 @@
-"""The relay's fast path after commit gives exactly the verdict of the event-by-event path.
+"""The fast path (``SSEParser.feed_lf`` and ``StreamState.take_blocks``) gives exactly the
+verdict of the event-by-event path, from a stream's first byte (held before commit) or
+after its commit (relayed).
 
 Random streams built from every kind of event (plain chunks, finish and usage chunks, a
 second choice, tool calls, keep-alives, named and multi-line events, malformed JSON,
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import Classified, Outcome
 from gateway.sse import SSEError, SSEParser
-from gateway.stream import StreamState
+from gateway.stream import StreamState, judge_read
 from tests import fake_upstream as fu
 
 
@@ -53,30 +55,31 @@ EVENTS = [
 ]
 
 
-def run(stream: bytes, cuts: list[int], fast: bool) -> tuple:
+def run(stream: bytes, cuts: list[int], fast: bool, committed: bool) -> tuple:
     state = StreamState("p", "r")
     parser = SSEParser(1 << 20)
     out: list[bytes] = []
-    state.take(parser.feed(fu.chunk("Hi")), out)  # committed, as the relay starts
-    assert state.output
+    if committed:
+        state.take(parser.feed(fu.chunk("Hi")), out)  # as the relay starts
+        assert state.output
     bounds = [0, *sorted(set(cuts)), len(stream)]
-    try:
-        for lo, hi in itertools.pairwise(bounds):
+    pieces = [stream[lo:hi] for lo, hi in itertools.pairwise(bounds) if hi > lo]
+    if fast:  # the gateway's own reader, as the hold and the relay call it
+        for piece in [*pieces, b""]:
             if state.done or state.failure is not None:
                 break
-            piece = stream[lo:hi]
-            if not piece:
-                continue
-            framed = parser.feed_lf(piece) if fast else None
-            if framed is None:
+            judge_read(state, parser, None, piece, out)
+    else:  # event by event
+        try:
+            for piece in pieces:
+                if state.done or state.failure is not None:
+                    break
                 state.take(parser.feed(piece), out)
             else:
-                state.take_blocks(framed[0], framed[1], out)
-        else:
-            state.take(parser.finish(), out)
-            state.end(out)
-    except SSEError as e:  # as the relay does
-        state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
+                state.take(parser.finish(), out)
+                state.end(out)
+        except SSEError as e:  # as the gateway does
+            state.fail(Classified(Outcome.BAD_RESPONSE, str(e)))
     failure = state.failure
     return (
         b"".join(out),
@@ -85,6 +88,7 @@ def run(stream: bytes, cuts: list[int], fast: bool) -> tuple:
         sorted(state.finished),
         sorted(state.seen),
         state.usage,
+        state.output,
     )
 
 
@@ -92,11 +96,13 @@ def run(stream: bytes, cuts: list[int], fast: bool) -> tuple:
 @given(
     picks=st.lists(st.sampled_from(range(len(EVENTS))), max_size=30),
     cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+    committed=st.booleans(),
 )
-def test_fast_path_matches_the_event_by_event_path(picks, cuts):
+def test_fast_path_matches_the_event_by_event_path(picks, cuts, committed):
     stream = b"".join(EVENTS[i] for i in picks)
     cuts = [c % (len(stream) + 1) for c in cuts]
-    assert run(stream, cuts, fast=True) == run(stream, cuts, fast=False)
+    fast = run(stream, cuts, fast=True, committed=committed)
+    assert fast == run(stream, cuts, fast=False, committed=committed)
 
 
 def test_plain_chunks_pass_as_one_slice():
