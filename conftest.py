@@ -64,7 +64,7 @@ E2E_PREFIX = "tests/e2e/"
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under pytest-xdist, every end-to-end test goes to one worker, so that their llama.cpp
     servers start once and two never compete with two more; any other test is a unit of its
-    own, spread as ``--dist load`` would.
+    own, spread as ``--dist load`` would (whatever ``--dist`` says).
 
     Not ``xdist_group`` with ``--dist loadgroup``: with pytest 9.2 that grouping silently
     does nothing (pytest-xdist issue 1386), and both workers started their own servers."""
