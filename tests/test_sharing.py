@@ -49,10 +49,15 @@ async def post(session: aiohttp.ClientSession, base: str, model: str = "gpt-4o-m
         return resp.status, resp.headers["x-gateway-provider"]
 
 
-async def state(session: aiohttp.ClientSession, base: str, provider: str) -> str:
+async def report(session: aiohttp.ClientSession, base: str, provider: str) -> dict[str, Any]:
+    """``provider``'s entry in one replica's /admin/providers."""
     async with session.get(f"{base}/admin/providers") as resp:
         data = await resp.json()
-    return next(p["state"] for p in data["providers"] if p["name"] == provider)
+    return next(p for p in data["providers"] if p["name"] == provider)
+
+
+async def state(session: aiohttp.ClientSession, base: str, provider: str) -> str:
+    return (await report(session, base, provider))["state"]
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0) -> None:
@@ -103,7 +108,14 @@ reset_timeout = 1
         replicas(3, env, unused_tcp_port_factory) as (a, b, c),
         aiohttp.ClientSession(timeout=TIMEOUT) as s,
     ):
-        assert primary.probes == 1  # three replicas, one probe between them
+        # Three replicas, one probe between them: the others apply its published result
+        # (waited for: a replica may still be starting its first round of probes).
+        async def probed() -> bool:
+            found = await asyncio.gather(*(report(s, base, "openai") for base in (a, b, c)))
+            return all(r["last_probe"] is not None for r in found)
+
+        await until(probed, "the first probe's result in every replica")
+        assert primary.probes == 1
         # A sees the primary fail once (fail_max = 1) and opens its breaker.
         primary.then(fu.server_error(502))
         assert await post(s, a) == (200, "lmstudio")
