@@ -13,9 +13,12 @@ measures
 * a kill: the primary is SIGKILLed while idle (the gateway holds a pooled connection to
   it) and a request is sent at once; the time from the kill to that request's answer,
   which the fallback gives, is compared with the same request sent straight to the
-  fallback; and the time until the primary's breaker reads "open" on /admin/providers.
+  fallback; and the time until the primary's breaker reads "open" on /admin/providers;
+* a freeze: the primary is SIGSTOPped while idle behind a gateway at its default
+  settings, and requests follow one another from a client with a 10 s timeout, once
+  without and once with ``x-gateway-timeout: 10``: who answers each, and when.
 
-Run from the repository root (about a minute on 2 cores):
+Run from the repository root (about three minutes on 2 cores):
 
     python -m bench.e2e_real
 """
@@ -127,9 +130,23 @@ async def wait_until(what: str, check: Any, ceiling: float = 60.0) -> float:
     return time.perf_counter() - start
 
 
-def start_gateway(primary: LlamaServer, fallback: LlamaServer, workdir: Path) -> tuple[Any, str]:
+async def last_probe(session: aiohttp.ClientSession, gateway: str) -> dict[str, Any] | None:
+    """The primary's last probe on /admin/providers (None before the first one)."""
+    async with session.get(f"{gateway}/admin/providers") as resp:
+        body = await resp.json()
+    return {p["name"]: p["last_probe"] for p in body["providers"]}["lmstudio"]
+
+
+def start_gateway(
+    primary: LlamaServer,
+    fallback: LlamaServer,
+    workdir: Path,
+    defaults: dict[str, Any] = CONFIG,
+    name: str = "gateway",
+) -> tuple[Any, str]:
+    """``python -m gateway`` in front of the two servers, ``defaults`` its [defaults]."""
     port = free_port()
-    config = write_config(workdir / "gateway.toml", CONFIG, {})
+    config = write_config(workdir / f"{name}.toml", defaults, {})
     env = {
         **os.environ,
         "GATEWAY_CONFIG": str(config),
@@ -141,7 +158,7 @@ def start_gateway(primary: LlamaServer, fallback: LlamaServer, workdir: Path) ->
         "OLLAMA_MODEL": fallback.alias,
         "GATEWAY_LOG_LEVEL": "INFO",
     }
-    log = open(workdir / "gateway.log", "wb")  # closed by run()
+    log = open(workdir / f"{name}.log", "wb")  # closed by the caller
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
@@ -162,24 +179,28 @@ async def run(args: argparse.Namespace) -> None:
     fallback = LlamaServer("fallback", "gemma-fallback", model, workdir)
     primary.start()
     fallback.start()
-    (gw_proc, gw_log), gateway = start_gateway(primary, fallback, workdir)
     try:
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        (gw_proc, gw_log), gateway = start_gateway(primary, fallback, workdir)
+        try:
+            timeout = aiohttp.ClientTimeout(total=120)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
 
-            async def gateway_up() -> bool:
-                try:
-                    return await breaker_state(session, gateway) == "closed"
-                except aiohttp.ClientError:
-                    return False
+                async def gateway_up() -> bool:
+                    try:
+                        return await breaker_state(session, gateway) == "closed"
+                    except aiohttp.ClientError:
+                        return False
 
-            await wait_until("the gateway", gateway_up)
-            await report_streaming(session, primary, gateway, args)
-            await report_kill(session, primary, fallback, gateway, args)
+                await wait_until("the gateway", gateway_up)
+                await report_streaming(session, primary, gateway, args)
+                await report_kill(session, primary, fallback, gateway, args)
+        finally:
+            gw_proc.terminate()
+            gw_proc.wait()
+            gw_log.close()
+        if args.freezes:
+            await report_sigstop(primary, fallback, workdir)
     finally:
-        gw_proc.terminate()
-        gw_proc.wait()
-        gw_log.close()
         primary.kill()
         fallback.kill()
     print(f"\nlogs: {workdir}")
@@ -259,11 +280,67 @@ async def report_kill(
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs")
 
 
+async def report_sigstop(primary: LlamaServer, fallback: LlamaServer, workdir: Path) -> None:
+    """The primary frozen while idle behind a gateway at its default settings (no
+    [defaults]): requests one after another from a client that gives up after 10 s, until
+    two in a row are answered (at most 8)."""
+    if not primary.alive():
+        primary.start()
+    print("\nprimary SIGSTOPped while idle, gateway at its default settings, client timeout 10 s")
+    print("| client | request | sent at (s) | answered by | after (s) |")
+    print("|---|---|---|---|---|")
+    for label, headers in (("plain", {}), ("x-gateway-timeout: 10", {"x-gateway-timeout": "10"})):
+        (proc, log), gateway = start_gateway(
+            primary, fallback, workdir, {}, f"freeze-{len(headers)}"
+        )
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as admin:
+
+                async def probed(admin: aiohttp.ClientSession = admin, gw: str = gateway) -> bool:
+                    try:
+                        return await last_probe(admin, gw) is not None
+                    except aiohttp.ClientError:
+                        return False
+
+                await wait_until("the gateway's first probe", probed)
+            primary.sigstop()
+            start = time.perf_counter()
+            client = aiohttp.ClientTimeout(total=10)
+            answers: list[str] = []
+            async with aiohttp.ClientSession(timeout=client, headers=headers) as session:
+                for n in range(1, 9):
+                    sent = time.perf_counter()
+                    body = {"model": "gemma", "messages": SHORT, "max_tokens": 8}
+                    try:
+                        async with session.post(
+                            f"{gateway}/v1/chat/completions", json=body
+                        ) as resp:
+                            await resp.read()
+                            who = resp.headers.get("x-gateway-provider", "?")
+                            answers.append(who if resp.status == 200 else f"{resp.status}")
+                    except TimeoutError:
+                        answers.append("(client gave up)")
+                    now = time.perf_counter()
+                    print(
+                        f"| {label} | {n} | {sent - start:.1f} | {answers[-1]} | {now - sent:.2f} |"
+                    )
+                    if answers[-2:] == ["ollama", "ollama"]:
+                        break
+        finally:
+            primary.sigcont()
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="streams per path")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     parser.add_argument("--kills", type=int, default=5, help="primary kills to time")
+    parser.add_argument(
+        "--no-freezes", dest="freezes", action="store_false", help="leave out the SIGSTOP runs"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

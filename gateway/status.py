@@ -435,8 +435,9 @@ async def _events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     with recorder.watch(request) as watcher:
         try:
-            await resp.prepare(request)
-            await resp.write(b"retry: 2000\n\n" + _event("snapshot", recorder.snapshot()))
+            async with asyncio.timeout(recorder.send_timeout):  # the first write too
+                await resp.prepare(request)
+                await resp.write(b"retry: 2000\n\n" + _event("snapshot", recorder.snapshot()))
             while True:
                 async with asyncio.timeout(WATCH_IDLE):
                     blob = await watcher.queue.get()
