@@ -14,6 +14,7 @@ measures
   it) and a request is sent at once; the time from the kill to that request's answer,
   which the fallback gives, is compared with the same request sent straight to the
   fallback; and the time until the primary's breaker reads "open" on /admin/providers;
+* the same temperature-0 request twice in a row to the fallback: where the texts part;
 * a freeze: the primary is SIGSTOPped while idle behind a gateway at its default
   settings, and requests follow one another from a client with a 10 s timeout, once
   without and once with ``x-gateway-timeout: 10``: who answers each, and when.
@@ -67,8 +68,9 @@ CONFIG = {
 
 async def stream_once(
     session: aiohttp.ClientSession, url: str, model: str, tokens: int
-) -> tuple[float, float]:
-    """One stream of exactly ``tokens`` tokens: (time to first token, tokens/s after it)."""
+) -> tuple[float, float, str]:
+    """One stream of exactly ``tokens`` tokens: (time to first token, tokens/s after it,
+    the text)."""
     body = {
         "model": model,
         "messages": PROMPT,
@@ -81,6 +83,7 @@ async def stream_once(
     start = time.perf_counter()
     first = last = 0.0
     pieces = 0
+    text: list[str] = []
     buf = b""
     async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
@@ -94,12 +97,13 @@ async def stream_once(
                     continue
                 delta = json.loads(data)["choices"][0]["delta"]
                 if delta.get("content"):
+                    text.append(delta["content"])
                     pieces += 1
                     if not first:
                         first = now
                     last = now
     assert pieces > 1, "no tokens streamed"
-    return first - start, (tokens - 1) / (last - first)
+    return first - start, (tokens - 1) / (last - first), "".join(text)
 
 
 async def chat_once(
@@ -194,6 +198,7 @@ async def run(args: argparse.Namespace) -> None:
                 await wait_until("the gateway", gateway_up)
                 await report_streaming(session, primary, gateway, args)
                 await report_kill(session, primary, fallback, gateway, args)
+                await report_repeat(session, fallback)
         finally:
             gw_proc.terminate()
             gw_proc.wait()
@@ -278,6 +283,20 @@ async def report_kill(
         ms = [v * 1000 for v in values]
         print(f"| {label} | {med(ms):.1f} [{min(ms):.1f}-{max(ms):.1f}] |")
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs")
+
+
+async def report_repeat(session: aiohttp.ClientSession, server: LlamaServer) -> None:
+    """The same temperature-0 request twice in a row to one server: the same text? (What a
+    stream's rescue relies on: see the README's "When it works".)"""
+    url, model = server.base_url, server.alias
+    a, b = [(await stream_once(session, url, model, 400))[2] for _ in range(2)]
+    parted = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if parted is None and len(a) == len(b):
+        verdict = "the same text"
+    else:
+        at = min(len(a), len(b)) if parted is None else parted
+        verdict = f"texts that part after {at} characters"
+    print(f"\nthe same request twice in a row to one server, 400 tokens: {verdict}")
 
 
 async def report_sigstop(primary: LlamaServer, fallback: LlamaServer, workdir: Path) -> None:
